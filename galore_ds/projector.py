@@ -1,0 +1,227 @@
+"""Subspace refresh and projection for GaLore.
+
+A GaLore matrix W (m x n) keeps its optimizer moments in a rank-r subspace of its
+gradient G. The subspace is a projector with orthonormal vectors:
+
+    right side: Q is (r, n), rows = top-r right singular vectors.  R = G Q^T  (m, r)
+                update back: dW = N Q                                  (m, n)
+    left side:  P is (m, r), columns = top-r left singular vectors.  R = P^T G (r, n)
+                update back: dW = P N                                  (m, n)
+
+These are galore-torch's storage conventions, so a state converted from it is ours.
+Everything here is a pure function of tensors (no projector objects): optimizer state
+stays plain tensors and loads with torch.load(weights_only=True).
+
+Refresh methods
+---------------
+- "svd": exact fp32 SVD (torch.linalg.svd), retried in float64 when LAPACK fails.
+- "randomized": subspace iteration on the Gram operator, warm-started from the previous
+  projector. It only ever needs products with the Gram operator G^T G (right side), so a
+  row-sharded caller can supply an all-reduced operator and get the identical answer on
+  every rank (see `subspace_iteration`).
+
+Singular-vector signs
+---------------------
+LAPACK returns each singular vector with an arbitrary sign, and the sign can flip under a
+1e-7 change of the input. Moments carried across a refresh are coordinates in the old
+basis, so a flipped vector scrambles them, and a sharded run (whose gradient differs by
+all-reduce rounding) drifts from a single-process run. signs="aligned" (default) fixes
+each vector by rule: aligned with its predecessor where there is one, else its
+largest-magnitude entry positive. signs="lapack" keeps LAPACK's signs (galore-torch).
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+Side = Literal["left", "right"]
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+REFRESH_METHODS = ("svd", "randomized")
+SIGN_RULES = ("aligned", "lapack")
+
+# A new vector is aligned with its predecessor only where they clearly overlap; below
+# this |cosine| the predecessor says nothing about orientation and the canonical rule
+# decides (a rule on a near-zero dot product would itself flip under rounding).
+_ALIGN_MIN_OVERLAP = 0.1
+
+
+def choose_side(global_shape: tuple[int, ...], proj_type: str) -> Side:
+    """Projection side from the parameter's GLOBAL shape (never a shard's shape).
+
+    std keeps the smaller projector: right when m >= n. reverse_std is the opposite.
+    """
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type={proj_type!r}: expected one of {PROJ_TYPES}")
+    if proj_type in ("left", "right"):
+        return proj_type  # type: ignore[return-value]
+    m, n = global_shape[0], global_shape[1]
+    wide_right = m >= n
+    if proj_type == "std":
+        return "right" if wide_right else "left"
+    return "left" if wide_right else "right"
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
+    """Low-rank gradient: G Q^T (right) or P^T G (left)."""
+    if side == "right":
+        return grad @ proj.t()
+    return proj.t() @ grad
+
+
+def project_back_(
+    param: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: Side, alpha: float
+) -> None:
+    """param += alpha * (N Q) or alpha * (P N), fused: no full-size temporary.
+
+    Low-precision params (bf16 weights without an fp32 master copy) take the product in
+    their own dtype: one rounding into the weight, operands cast (they are small).
+    """
+    if param.dtype != update.dtype:
+        update, proj = update.to(param.dtype), proj.to(param.dtype)
+    if side == "right":
+        param.addmm_(update, proj, alpha=alpha)
+    else:
+        param.addmm_(proj, update, alpha=alpha)
+
+
+def to_right(mat: torch.Tensor, side: Side) -> torch.Tensor:
+    """View a matrix so that `side` becomes the right side (left side of G = right of G^T)."""
+    return mat if side == "right" else mat.t()
+
+
+def basis_to_proj(basis: torch.Tensor, side: Side) -> torch.Tensor:
+    """Orthonormal basis as rows (r, dim) -> stored projector layout for `side`."""
+    return basis if side == "right" else basis.t()
+
+
+def proj_to_basis(proj: torch.Tensor, side: Side) -> torch.Tensor:
+    """Stored projector -> basis rows (r, dim)."""
+    return proj if side == "right" else proj.t()
+
+
+def fix_signs(basis: torch.Tensor, prev_basis: torch.Tensor | None) -> torch.Tensor:
+    """Deterministic signs for basis rows (r, dim): aligned with prev where they overlap,
+    else largest-magnitude entry positive. Returns a new tensor."""
+    idx = basis.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(basis.gather(1, idx)).squeeze(1)
+    if prev_basis is not None and prev_basis.shape == basis.shape:
+        dots = (basis * prev_basis.to(basis.dtype)).sum(dim=1)
+        overlap = dots.abs() >= _ALIGN_MIN_OVERLAP
+        sign = torch.where(overlap, torch.sign(dots), sign)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return basis * sign.unsqueeze(1)
+
+
+def svd_basis(mat: torch.Tensor, rank: int, side: Side = "right") -> torch.Tensor:
+    """Top-`rank` singular vectors of `mat` on `side`, as rows (rank, dim), exact SVD.
+
+    Always the SVD of `mat` itself (U for left, Vh for right), never of its transpose: that
+    is galore-torch's computation, so signs="lapack" reproduces its signs. fp32 first
+    (galore-torch's precision); float64 when LAPACK does not converge. Raises RuntimeError
+    when neither works.
+    """
+    def top(m: torch.Tensor) -> torch.Tensor:
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        return vh[:rank] if side == "right" else u[:, :rank].t()
+
+    try:
+        basis = top(mat.float())
+        if torch.isfinite(basis).all():
+            return basis
+    except RuntimeError:
+        pass
+    basis = top(mat.double()).float()
+    if not torch.isfinite(basis).all():
+        raise RuntimeError("SVD produced non-finite singular vectors")
+    return basis
+
+
+def random_basis(dim: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A seeded random orthonormal basis (k, dim)."""
+    x = torch.randn(dim, k, generator=generator, device="cpu").to(device)
+    q, _ = torch.linalg.qr(x)
+    return q.t().contiguous()
+
+
+def subspace_iteration(
+    gram: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    rank: int,
+    iters: int,
+) -> torch.Tensor:
+    """Top-`rank` eigenvectors of a PSD operator, as rows (rank, n).
+
+    gram(X) must return A X for X of shape (n, k), with A = G^T G (so the result spans the
+    top right singular vectors of G). A row-sharded caller passes
+    X -> all_reduce(G_i^T (G_i X)) and gets the same answer on every rank.
+    start: (k, n) rows, k >= rank (warm start: previous basis plus random oversampling).
+    Each iteration costs one gram call; the Rayleigh-Ritz step one more.
+    """
+    x = start.t()
+    for _ in range(iters):
+        x, _ = torch.linalg.qr(gram(x))
+    x, _ = torch.linalg.qr(x)  # iters == 0 still needs an orthonormal start
+    z = gram(x)
+    # Rayleigh-Ritz on the k x k compression; eigh in float64 because the eigenvalues are
+    # squared singular values and their ratio can be large.
+    h = (x.t() @ z).double()
+    h = 0.5 * (h + h.t())
+    evals, evecs = torch.linalg.eigh(h)
+    order = torch.argsort(evals, descending=True)[:rank]
+    return (x @ evecs[:, order].to(x.dtype)).t().contiguous()
+
+
+def refresh_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """Seeded by (seed, step, parameter index): runs and resumes draw the same vectors."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + step * 10_007 + index) % (2**63 - 1))
+    return g
+
+
+def compute_basis(
+    grad: torch.Tensor,
+    side: Side,
+    rank: int,
+    method: str,
+    prev_basis: torch.Tensor | None,
+    *,
+    signs: str = "aligned",
+    oversample: int = 8,
+    iters: int = 1,
+    first_iters: int = 4,
+    generator: torch.Generator | None = None,
+    gram: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """New basis rows (rank, dim) for one matrix; dim = n (right) or m (left).
+
+    `gram` overrides the Gram operator for the randomized method (sharded callers).
+    Raises RuntimeError if the exact SVD fails in both precisions.
+    """
+    if method == "svd":
+        basis = svd_basis(grad, rank, side)
+    elif method == "randomized":
+        g = to_right(grad, side).float()
+        op = gram if gram is not None else (lambda x: g.t() @ (g @ x))
+        dim = g.shape[1]
+        k = min(rank + oversample, dim)
+        gen = generator if generator is not None else refresh_generator(0, 0, 0)
+        if prev_basis is None:
+            start, n_iter = random_basis(dim, k, gen, g.device), first_iters
+        else:
+            extra = k - prev_basis.shape[0]
+            fill = random_basis(dim, extra, gen, g.device) if extra > 0 else prev_basis[:0]
+            start, n_iter = torch.cat([prev_basis.to(g.device, torch.float32), fill]), iters
+        basis = subspace_iteration(op, start, rank, n_iter)
+    else:
+        raise ValueError(f"refresh={method!r}: expected one of {REFRESH_METHODS}")
+    if signs == "aligned":
+        basis = fix_signs(basis, prev_basis)
+    elif signs != "lapack":
+        raise ValueError(f"signs={signs!r}: expected one of {SIGN_RULES}")
+    return basis
+
+
+def rotation(old_basis: torch.Tensor, new_basis: torch.Tensor) -> torch.Tensor:
+    """C (r, r) mapping low-rank coordinates in the old basis to the new one: c_new = c_old C."""
+    return old_basis @ new_basis.t()
