@@ -69,6 +69,11 @@ def project(grad: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
     return proj.t() @ grad
 
 
+def project_back(update: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
+    """Full-size N Q (right) or P N (left): galore-torch's unfused map back."""
+    return update @ proj if side == "right" else proj @ update
+
+
 def project_back_(
     param: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: Side, alpha: float
 ) -> None:
@@ -216,7 +221,7 @@ def compute_basis(
     else:
         raise ValueError(f"refresh={method!r}: expected one of {REFRESH_METHODS}")
     if signs == "aligned":
-        basis = fix_signs(basis, prev_basis)
+        basis = fix_signs(basis, prev_basis).contiguous()
     elif signs != "lapack":
         raise ValueError(f"signs={signs!r}: expected one of {SIGN_RULES}")
     return basis

@@ -10,8 +10,9 @@ from galore_ds.optim.base import GaLoreOptimizer, ParamItem
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
-    # fp32 accumulation without an fp32 copy of a bf16 weight
-    return torch.linalg.vector_norm(t, dtype=torch.float32) / (t.numel() ** 0.5)
+    if t.dtype != torch.float32:  # fp32 accumulation without an fp32 copy of a bf16 weight
+        return torch.linalg.vector_norm(t, dtype=torch.float32) / (t.numel() ** 0.5)
+    return t.norm(2) / (t.numel() ** 0.5)
 
 
 class GaLoreAdafactor(GaLoreOptimizer):
@@ -51,7 +52,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _lr(group: dict, step: int, rms: float) -> float:
+    def _lr(group: dict, step: int, rms: torch.Tensor) -> float | torch.Tensor:
         lr = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
@@ -76,7 +77,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(grad)
         step = state["step"] + 1
         state["RMS"] = _rms(p)
-        lr = self._lr(group, step, float(state["RMS"]))
+        lr = self._lr(group, step, state["RMS"])
 
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         update = grad**2 + group["eps"][0]
@@ -97,7 +98,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             update = state["exp_avg"]
 
         if group["weight_decay"] != 0:
-            p.add_(p, alpha=-group["weight_decay"] * lr)
+            p.add_(p, alpha=float(-group["weight_decay"] * lr))
         self._apply_update(item, update, -1.0)
 
     def _reset_moments(self, state: dict) -> None:

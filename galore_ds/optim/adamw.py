@@ -53,12 +53,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         denom = exp_avg_sq.sqrt().add_(group["eps"])
         step_size = group["lr"]
         if group["correct_bias"]:
-            step_size *= math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+            # galore-torch's evaluation order, so signs="lapack" runs are bit-identical
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
-        if item.galore:
-            self._apply_update(item, exp_avg / denom, -step_size)
-        else:
-            item.param.addcdiv_(exp_avg, denom, value=-step_size)
+        self._apply_update(item, exp_avg / denom, -step_size)
         if group["weight_decay"] > 0.0:
             item.param.add_(item.param, alpha=-group["lr"] * group["weight_decay"])
 

@@ -12,7 +12,8 @@ A step has three phases, so that distributed subclasses can replace exactly one:
 Per-parameter state is plain tensors and numbers (torch.load(weights_only=True) works):
   step              optimizer steps taken by this parameter (galore-torch's "step")
   proj              projector tensor (see projector.py for the layout)
-  side              "left" | "right"
+  proj_right        True: right projection, False: left (a bool, not a string: torch's
+                    load_state_dict rebuilds any iterable state value, strings included)
   refresh_offset    step offset of this matrix's refresh within the update_proj_gap window
   + the rule's moments (exp_avg, ...), shaped like the low-rank gradient.
 """
@@ -47,6 +48,11 @@ GALORE_OPTION_DEFAULTS: dict[str, Any] = {
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 
 
+def side_of(state: dict) -> pj.Side:
+    """The projection side recorded in a parameter's state."""
+    return "right" if state["proj_right"] else "left"
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor (FSDP2 shard), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
@@ -62,6 +68,9 @@ class ParamItem:
     state: dict
     group: dict
     galore: bool
+    # Already in the rule's coordinates (e.g. a projected gradient accumulated over
+    # micro-batches by galore_ds.layerwise); when set, `_low_rank_grad` returns it as is.
+    lowrank_grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -130,6 +139,18 @@ class GaLoreOptimizer(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "galore_stats"):  # groups added after construction
             self._check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
+        moments and projectors for bf16 weights, so saved tensors are re-installed with
+        their saved dtype (moved to the parameter's device only)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value):
+                        self.state[p][key] = value.to(device=local_tensor(p).device, copy=True)
 
     # ------------------------------------------------- hooks for sharded subclasses
     def _global_shape(self, p: torch.Tensor) -> tuple[int, ...]:
@@ -244,30 +265,43 @@ class GaLoreOptimizer(Optimizer):
                 self._rotate_moments(state, pj.rotation(old, basis), job.side)
             elif policy == "reset":
                 self._reset_moments(state)
-        state["proj"] = pj.basis_to_proj(basis, job.side).contiguous()
-        state["side"] = job.side
+        # No .contiguous(): with signs="lapack" the projector keeps LAPACK's memory layout,
+        # as galore-torch's does, because the matmul's rounding depends on it.
+        state["proj"] = pj.basis_to_proj(basis, job.side)
+        state["proj_right"] = job.side == "right"
         self.galore_stats["refreshes"] += 1
 
     # ------------------------------------------------------------ update helpers
     @staticmethod
     def _low_rank_grad(item: ParamItem) -> torch.Tensor:
         """The gradient in the rule's coordinates: projected (fp32) or the full gradient."""
+        if item.lowrank_grad is not None:
+            return item.lowrank_grad
         if not item.galore:
             return item.grad
         proj = item.state["proj"]
         grad = item.grad
         if grad.dtype != proj.dtype:
-            return pj.project(grad, proj.to(grad.dtype), item.state["side"]).float()
-        return pj.project(grad, proj, item.state["side"])
+            return pj.project(grad, proj.to(grad.dtype), side_of(item.state)).float()
+        return pj.project(grad, proj, side_of(item.state))
 
     @staticmethod
     def _apply_update(item: ParamItem, update: torch.Tensor, alpha: float) -> None:
-        """param += alpha * update, mapped back through the projector for GaLore items."""
-        if item.galore:
-            pj.project_back_(item.param, update, item.state["proj"], item.state["side"],
-                             alpha * item.group["scale"])
-        else:
+        """param += alpha * update, mapped back through the projector for GaLore items.
+
+        Default: one fused addmm into the weight (no full-size temporary). signs="lapack"
+        is galore-torch compatibility mode: its unfused arithmetic, (N Q) * scale then add,
+        so that the run is bit-identical (a 1-ulp difference would flip a LAPACK sign at
+        the next refresh and the runs would part).
+        """
+        if not item.galore:
             item.param.add_(update.to(item.param.dtype), alpha=alpha)
+        elif item.group["signs"] == "lapack":
+            back = pj.project_back(update, item.state["proj"], side_of(item.state))
+            item.param.add_((back * item.group["scale"]).to(item.param.dtype), alpha=alpha)
+        else:
+            pj.project_back_(item.param, update, item.state["proj"], side_of(item.state),
+                             alpha * item.group["scale"])
 
     # ------------------------------------------------------------ subclass API
     def _update(self, item: ParamItem) -> None:

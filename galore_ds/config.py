@@ -1,0 +1,472 @@
+"""One validated schema for the JSON recipe.
+
+A recipe is a JSON object with the sections below; every key has a default, so a recipe only
+states what differs. `--set section.key=value` overrides one key (value parsed as JSON, else
+taken as a string). Validation runs before any heavy import (this module imports only the
+standard library) and every problem raises ConfigError("<key>: <problem>; <fix>").
+
+Sections: model, data, training, galore, engine (with engine.deepspeed passed to DeepSpeed
+as-is and engine.fsdp), checkpoint, logging. Keys starting with "_" are comments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+BUILTIN_SOURCE = "python-stdlib"   # the embedded default corpus (no download)
+HF_PREFIX = "hf:"                  # data.source "hf:<dataset name>" streams a Hugging Face dataset
+ENGINE_MODES = ("auto", "single", "layerwise", "deepspeed", "fsdp")
+MULTI_RANK_ENGINES = ("deepspeed", "fsdp", "layerwise")
+OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A recipe problem; str(e) is the single line shown to the user: '<key>: <problem>; <fix>'."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        self.key, self.problem, self.fix = key, problem, fix
+        super().__init__(f"{key}: {problem}; {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """LLaMA dimensions (Hugging Face LlamaConfig names)."""
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None   # None = num_attention_heads (no GQA)
+    vocab_size: int = 32000
+    max_position_embeddings: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"                      # parameter dtype: float32 | bfloat16 | float16
+    meta_init: Optional[bool] = None            # build on the meta device; None = auto (>= 1B params)
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are cut."""
+    source: str = BUILTIN_SOURCE   # python-stdlib | file or directory (.txt/.jsonl/.parquet) | hf:<name>
+    eval_source: Optional[str] = None  # same forms; None = hold out eval_fraction of source's documents
+    eval_fraction: float = 0.02
+    hf_split: str = "train"
+    hf_eval_split: str = "validation"
+    hf_config: Optional[str] = None
+    text_field: str = "text"       # jsonl / parquet / hf column holding the text
+    tokenizer: str = "bpe"         # "bpe" = local byte-level BPE trained once and cached | HF name or path
+    seq_len: int = 256
+    max_chars: int = 0             # 0 = all; else stop reading the source after this many characters
+    cache_dir: str = ".cache/galore_ds"
+    seed: int = 0                  # shuffling of packed sequences (per epoch)
+
+
+@dataclass
+class TrainingConfig:
+    optimizer: str = "galore_adamw"   # galore_adamw | galore_adamw8bit | galore_adafactor | adamw
+    steps: int = 100                  # optimizer steps
+    lr: float = 0.01
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1         # cosine decays to min_lr_ratio * lr (paper: 10%)
+    global_batch: int = 512           # sequences per optimizer step, all ranks together
+    micro_batch: int = 32             # sequences per forward/backward per rank
+    grad_clip: float = 0.0            # max global grad norm; 0 = off
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    seed: int = 0
+    eval_every: int = 0               # optimizer steps between evaluations; 0 = only at the end
+    eval_batches: int = 8             # micro-batches per evaluation
+
+
+@dataclass
+class GaloreConfig:
+    enabled: bool = True              # False: every matrix full-rank (the AdamW baseline)
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"            # std | left | right | reverse_std
+    target_modules: list = field(default_factory=lambda: ["attn", "mlp"])
+    refresh: str = "svd"              # svd (exact) | randomized (warm subspace iteration)
+    signs: str = "aligned"            # aligned | lapack
+    moments: str = "keep"             # keep | reproject | reset
+    stagger: bool = False
+    oversample: int = 8
+    power_iters: int = 1
+    first_power_iters: int = 4
+    seed: int = 0
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+    replicate: int = 1                # HSDP: replicas (1 = plain FSDP)
+
+
+@dataclass
+class EngineConfig:
+    mode: str = "auto"                # auto | single | layerwise | deepspeed | fsdp
+    multi_rank: str = "deepspeed"     # what auto uses with several ranks
+    deepspeed: dict = field(default_factory=dict)   # passed to deepspeed.initialize(config=...)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                    # optimizer steps between checkpoints; 0 = only at the end / Ctrl-C
+    dir: Optional[str] = None         # None = <logging.run_dir>/checkpoints
+    keep_last: int = 2                # older step-* directories are deleted; 0 = keep all
+    resume: Optional[str] = None      # null | "latest" | path to a step-* directory
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- derived values --------------------------------------------------------------------
+    def accumulation(self, world_size: int) -> int:
+        return self.training.global_batch // (self.training.micro_batch * world_size)
+
+    def resolved_mode(self, dist: "DistEnv") -> str:
+        if self.engine.mode != "auto":
+            return self.engine.mode
+        # One rank: the single-process engine (switch to "layerwise" here once it lands as the
+        # 24 GB default); several ranks: the configured multi-rank engine.
+        return "single" if dist.world_size == 1 else self.engine.multi_rank
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher environment (torchrun / deepspeed launcher / mpirun / plain python)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "python"
+
+
+def dist_env(env: Optional[dict[str, str]] = None) -> DistEnv:
+    """Read rank/world size from the launcher's environment variables (no collectives)."""
+    env = os.environ if env is None else env
+    for launcher, r, w, lr in (
+        ("torch", "RANK", "WORLD_SIZE", "LOCAL_RANK"),                         # torchrun, deepspeed
+        ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),                  # mpich / hydra
+        ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if r in env and w in env:
+            try:
+                return DistEnv(int(env[r]), int(env[w]), int(env.get(lr, env[r])), launcher)
+            except ValueError:
+                raise ConfigError(r, f"environment value {env[r]!r}/{env[w]!r} is not an integer",
+                                  "check the launcher") from None
+    return DistEnv()
+
+
+# ----------------------------------------------------------------------------------------------
+# dict -> dataclasses, with type checking
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            list: "a list", dict: "an object"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected an object (section), got {json.dumps(value)}",
+                              f"write \"{key.rsplit('.', 1)[-1]}\": {{...}}")
+        return _build(tp, value, key + ".")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[tp](value)
+    if not ok:
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {json.dumps(value)}",
+                          f"set {key} to {_type_name(tp)}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue  # comment
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])] or sorted(names)
+            raise ConfigError(prefix + key, "unknown key",
+                              f"remove it or use one of {', '.join(prefix + n for n in sorted(close))}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(data: Any) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("<recipe>", "the recipe must be a JSON object", "write {\"model\": {...}, ...}")
+    return _build(Config, data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings: --set data.source=/path/to/x
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to the raw recipe dict (checked against the schema)."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("--set", f"{item!r} is not key=value", "write --set training.lr=0.01")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        # walk the schema, so an unknown key is reported as such even if the recipe lacks it
+        cls: Any = Config
+        node = data
+        for i, part in enumerate(parts):
+            key = ".".join(parts[: i + 1])
+            free_form = cls is dict  # inside engine.deepspeed: any key goes to DeepSpeed
+            if not free_form:
+                fields = {f.name for f in dataclasses.fields(cls)}
+                if part not in fields:
+                    raise ConfigError(key, "unknown key in --set",
+                                      f"use one of {', '.join(sorted(('.'.join(parts[:i]) + '.' if i else '') + f for f in fields))}")
+                tp = typing.get_type_hints(cls)[part]
+            else:
+                tp = dict
+            last = i == len(parts) - 1
+            if last:
+                node[part] = _parse_value(text)
+            else:
+                if not free_form and not (dataclasses.is_dataclass(tp) or tp is dict):
+                    raise ConfigError(key, "is not a section", f"use --set {key}=value")
+                nxt = node.setdefault(part, {})
+                if not isinstance(nxt, dict):
+                    raise ConfigError(key, "is not a section", f"use --set {key}=value")
+                node = nxt
+                cls = tp if not free_form else dict
+    return data
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"{p} does not exist", "pass the path of a recipe, e.g. configs/tiny.json")
+    text = p.read_text()
+    if not text.strip():
+        raise ConfigError("--config", f"{p} is empty", "write a JSON object, e.g. {\"model\": {...}}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("--config", f"{p} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                          "fix the JSON syntax") from None
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic checks
+# ----------------------------------------------------------------------------------------------
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {list(choices)}", f"set {key} to one of {list(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}",
+                          f"set {key} to a {'non-negative' if allow_zero else 'positive'} value")
+
+
+def _source_exists(key: str, source: Optional[str]) -> None:
+    if source is None or source == BUILTIN_SOURCE or source.startswith(HF_PREFIX):
+        return
+    if not Path(source).exists():
+        raise ConfigError(key, f"path {source!r} does not exist",
+                          f"point {key} at a .txt/.jsonl/.parquet file or directory, "
+                          f"or use {BUILTIN_SOURCE!r} or 'hf:<dataset>'")
+
+
+def smallest_galore_dim(m: ModelConfig, targets: list) -> int:
+    """Smallest dimension among the matrices GaLore targets (LLaMA module names)."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    kv = (m.num_key_value_heads or m.num_attention_heads) * head_dim
+    dims = []
+    if any(t in "self_attn.q_proj self_attn.k_proj self_attn.v_proj self_attn.o_proj" for t in targets) \
+            or any(t in ("attn", "self_attn") for t in targets):
+        dims.append(min(m.hidden_size, kv))
+    if any(t in "mlp.gate_proj mlp.up_proj mlp.down_proj" for t in targets):
+        dims.append(min(m.hidden_size, m.intermediate_size))
+    return min(dims) if dims else 0
+
+
+def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
+    """Semantic checks; raises ConfigError naming the key and the fix. Returns cfg."""
+    dist = dist or dist_env()
+    m, d, t, g, e, c, lg = cfg.model, cfg.data, cfg.training, cfg.galore, cfg.engine, cfg.checkpoint, cfg.logging
+
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size", "max_position_embeddings"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.num_attention_heads",
+                          f"{m.num_attention_heads} does not divide model.hidden_size={m.hidden_size}",
+                          "choose heads so hidden_size % heads == 0")
+    if m.num_key_value_heads is not None and (m.num_key_value_heads <= 0 or m.num_attention_heads % m.num_key_value_heads):
+        raise ConfigError("model.num_key_value_heads",
+                          f"{m.num_key_value_heads} does not divide num_attention_heads={m.num_attention_heads}",
+                          "use a divisor of num_attention_heads, or null")
+    _choice("model.dtype", m.dtype, DTYPES)
+    _positive("model.init_std", m.init_std)
+
+    _source_exists("data.source", d.source)
+    _source_exists("data.eval_source", d.eval_source)
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_position_embeddings:
+        raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
+                          "lower data.seq_len or raise model.max_position_embeddings")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
+    if d.eval_source is None and d.eval_fraction == 0 and t.eval_batches > 0:
+        raise ConfigError("data.eval_fraction", "is 0 and no data.eval_source is set, so there is nothing to evaluate on",
+                          "set data.eval_fraction > 0, data.eval_source, or training.eval_batches=0")
+    _positive("data.max_chars", d.max_chars, allow_zero=True)
+    if d.tokenizer == "bpe" and m.vocab_size < 260:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is too small for the byte-level BPE (256 bytes + specials)",
+                          "use model.vocab_size >= 260")
+
+    _choice("training.optimizer", t.optimizer, OPTIMIZERS)
+    _positive("training.steps", t.steps)
+    _positive("training.lr", t.lr, allow_zero=True)
+    _positive("training.warmup_steps", t.warmup_steps, allow_zero=True)
+    if t.warmup_steps > t.steps:
+        raise ConfigError("training.warmup_steps", f"{t.warmup_steps} exceeds training.steps={t.steps}",
+                          "use warmup_steps <= steps (paper: 10% of steps)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("training.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}", "use 0.1 (paper)")
+    _positive("training.global_batch", t.global_batch)
+    _positive("training.micro_batch", t.micro_batch)
+    per_step = t.micro_batch * dist.world_size
+    if t.global_batch % per_step:
+        raise ConfigError("training.global_batch",
+                          f"{t.global_batch} is not divisible by micro_batch*world_size = {t.micro_batch}*{dist.world_size}",
+                          f"use a multiple of {per_step}, or change training.micro_batch")
+    _positive("training.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("training.weight_decay", t.weight_decay, allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"training.{key}", f"must be in [0, 1), got {getattr(t, key)}", "use 0.9 / 0.999")
+    _positive("training.eps", t.eps)
+    _positive("training.eval_every", t.eval_every, allow_zero=True)
+    _positive("training.eval_batches", t.eval_batches, allow_zero=True)
+
+    if g.enabled or t.optimizer.startswith("galore"):
+        if g.rank <= 0:
+            raise ConfigError("galore.rank", f"must be > 0, got {g.rank}", "use e.g. 128 (60M) or 256 (130M/350M)")
+        if not g.target_modules or not all(isinstance(x, str) and x for x in g.target_modules):
+            raise ConfigError("galore.target_modules", f"must be a non-empty list of names, got {g.target_modules}",
+                              "use [\"attn\", \"mlp\"]")
+        smallest = smallest_galore_dim(m, g.target_modules)
+        if smallest == 0:
+            raise ConfigError("galore.target_modules", f"{g.target_modules} matches no LLaMA attention/MLP matrix",
+                              "use names from self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, e.g. [\"attn\", \"mlp\"]")
+        if g.rank > smallest:
+            raise ConfigError("galore.rank", f"{g.rank} exceeds the smallest GaLore matrix dimension {smallest}",
+                              f"use galore.rank <= {smallest} or a larger model")
+        if g.update_proj_gap < 1:
+            raise ConfigError("galore.update_proj_gap", f"must be >= 1, got {g.update_proj_gap}", "use e.g. 200 (paper)")
+        _positive("galore.scale", g.scale)
+        _choice("galore.proj_type", g.proj_type, ("std", "reverse_std", "left", "right"))
+        _choice("galore.refresh", g.refresh, ("svd", "randomized"))
+        _choice("galore.signs", g.signs, ("aligned", "lapack"))
+        moments = ("keep", "reproject", "reset") if t.optimizer == "galore_adamw" else ("keep", "reset")
+        _choice("galore.moments", g.moments, moments)
+        for key in ("oversample", "power_iters", "first_power_iters"):
+            _positive(f"galore.{key}", getattr(g, key), allow_zero=key == "oversample")
+    if t.optimizer == "adamw" and g.enabled:
+        raise ConfigError("galore.enabled", "training.optimizer=adamw is full-rank but galore.enabled is true",
+                          "set galore.enabled=false (AdamW baseline) or a galore_* optimizer")
+
+    _choice("engine.mode", e.mode, ENGINE_MODES)
+    _choice("engine.multi_rank", e.multi_rank, MULTI_RANK_ENGINES)
+    if e.mode == "single" and dist.world_size > 1:
+        raise ConfigError("engine.mode", f"'single' runs one process but the launcher started {dist.world_size}",
+                          "use engine.mode=auto/deepspeed/fsdp, or launch one process")
+    _choice("engine.fsdp.param_dtype", e.fsdp.param_dtype, DTYPES)
+    _choice("engine.fsdp.reduce_dtype", e.fsdp.reduce_dtype, DTYPES)
+    _positive("engine.fsdp.replicate", e.fsdp.replicate)
+
+    _positive("checkpoint.every", c.every, allow_zero=True)
+    _positive("checkpoint.keep_last", c.keep_last, allow_zero=True)
+    if c.resume not in (None, "latest") and not Path(c.resume).is_dir():
+        raise ConfigError("checkpoint.resume", f"{c.resume!r} is not a checkpoint directory",
+                          "use \"latest\", null, or a <checkpoint.dir>/step-* path")
+    _positive("logging.log_every", lg.log_every)
+    if not lg.run_dir:
+        raise ConfigError("logging.run_dir", "is empty", "set a directory, e.g. runs/tiny")
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None,
+                dist: Optional[DistEnv] = None) -> Config:
+    """Read, override, build and validate a recipe. Raises ConfigError."""
+    data = apply_overrides(load_json(path), overrides or [])
+    return validate(from_dict(data), dist)
+
+
+__all__ = ["Config", "ConfigError", "DistEnv", "dist_env", "from_dict", "apply_overrides", "load_json",
+           "load_config", "validate", "ModelConfig", "DataConfig", "TrainingConfig", "GaloreConfig",
+           "EngineConfig", "FSDPConfig", "CheckpointConfig", "LoggingConfig"]

@@ -1,0 +1,292 @@
+"""GaLore on FSDP2 (fully_shard) row shards: communication-free steps, owner refresh.
+
+FSDP2 keeps every parameter and gradient as a DTensor split by rows (Shard(0), torch.chunk
+sizes: 10 rows on 4 ranks = 3,3,3,1; a rank may hold 0 rows). With RIGHT projection
+(Q: r x n, replicated) every GaLore step is local and exact on a row block G_i:
+
+    R_i = G_i Q^T (m_i x r)     Adam moments m_i x r     W_i += -lr * alpha * N_i Q
+
+so between refreshes the optimizer issues no collective at all (tests count them). Row-
+sharded matrices are therefore always projected on the right, whatever their global shape
+(left projection on row shards would need an r x n all-reduce every step). Use a single-
+process GaLoreAdamW with proj_type="right" as the equivalent unsharded optimizer.
+
+Refresh (every update_proj_gap steps), for all due matrices at once:
+  refresh_mode="owner" (default): each matrix gets an owner (LPT on SVD cost); ONE
+    all_to_all_single moves every row block to its owner, the owner computes the basis with
+    the group's refresh method ("svd" exact, or "randomized"), ONE all_gather shares every
+    new projector. Each SVD runs once in the world. Equal to the single-process optimizer.
+  refresh_mode="subspace": distributed warm-started subspace iteration (group refresh must
+    be "randomized"): each iteration is ONE all-reduce of the packed n x k products
+    G_i^T (G_i X) of every due matrix; no gradient gather. Equal to the single-process
+    optimizer with refresh="randomized" (same seeds, same iteration counts).
+
+HSDP (replicate x shard): pass `replicate_group` and fully_shard the model on the shard
+mesh only. Gradients are then averaged over replicas by the optimizer in low rank: the
+projected gradients R_i (m_i x r) and the non-GaLore gradients go in ONE all-reduce per
+step (n/r less than all-reducing G), and the full gradients of due matrices in one more
+all-reduce on refresh steps.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from galore_ds import projector as pj
+from galore_ds.distributed.common import (
+    COMM,
+    assign_owners,
+    chunk_rows,
+    flat_counts,
+    gather_to_owners,
+    share_from_owners,
+    svd_cost,
+)
+from galore_ds.optim.adafactor import GaLoreAdafactor
+from galore_ds.optim.adamw import GaLoreAdamW
+from galore_ds.optim.adamw8bit import GaLoreAdamW8bit
+from galore_ds.optim.base import ParamItem, RefreshJob
+
+REFRESH_MODES = ("owner", "subspace")
+
+
+def row_shard_info(p: torch.Tensor) -> tuple[dist.ProcessGroup, int, int] | None:
+    """(process group, rank in it, its size) over which DTensor `p` is split by rows, or
+    None when `p` is not row-sharded (plain tensor, replicated, or a size-1 shard mesh)."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    dims = []
+    for d, pl in enumerate(placements):
+        if isinstance(pl, Shard):
+            if pl.dim != 0:
+                raise NotImplementedError(
+                    f"GaLore on DTensor placement {pl}: only row sharding (Shard(0), FSDP2's "
+                    "default) keeps steps local"
+                )
+            dims.append(d)
+        elif not isinstance(pl, Replicate):
+            raise NotImplementedError(f"GaLore on DTensor placement {pl}")
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise NotImplementedError("GaLore on a parameter row-sharded over several mesh dims")
+    mesh, d = p.device_mesh, dims[0]
+    size = mesh.size(d)
+    if size == 1:
+        return None
+    return mesh.get_group(d), mesh.get_local_rank(d), size
+
+
+class FSDPGaLoreMixin:
+    """Put before a GaLore optimizer class: overrides side choice, `_refresh` and (HSDP) the
+    gradient reduction. Extra keywords: refresh_mode, replicate_group."""
+
+    def __init__(self, params: Iterable, *args: Any, refresh_mode: str = "owner",
+                 replicate_group: dist.ProcessGroup | None = None, **kwargs: Any) -> None:
+        if refresh_mode not in REFRESH_MODES:
+            raise ValueError(f"refresh_mode={refresh_mode!r}: expected one of {REFRESH_MODES}")
+        if isinstance(self, GaLoreAdafactor):
+            raise NotImplementedError(
+                "GaLoreAdafactor on row shards is not communication-free (its factored second "
+                "moment and update RMS average over all rows): use FSDPGaLoreAdamW(8bit)"
+            )
+        self.refresh_mode = refresh_mode
+        self.replicate_group = replicate_group
+        self._index_params: list[torch.Tensor] = []
+        self._reduced_low_rank: dict[int, torch.Tensor] = {}
+        super().__init__(params, *args, **kwargs)
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            if refresh_mode == "subspace" and group["refresh"] != "randomized":
+                raise ValueError(
+                    "refresh_mode='subspace' is distributed subspace iteration: set the group's "
+                    "refresh='randomized' (its single-process equivalent)"
+                )
+            if group["proj_type"] == "left" and any(row_shard_info(p) for p in group["params"]):
+                raise ValueError(
+                    "proj_type='left' on row-sharded (FSDP2) parameters needs an r x n "
+                    "all-reduce every step; use 'std' or 'right' (row shards are projected on "
+                    "the right)"
+                )
+
+    # ------------------------------------------------------------------ collect
+    def _collect(self) -> tuple[list[ParamItem], list[RefreshJob]]:
+        self._index_params = [p for g in self.param_groups for p in g["params"]]
+        items, jobs = super()._collect()
+        for job in jobs:
+            if row_shard_info(self._index_params[job.index]) is not None:
+                job.side = "right"  # row shards: the only side with local steps
+        return items, jobs
+
+    # ------------------------------------------------------------------ refresh
+    def _refresh(self, jobs: list[RefreshJob]) -> None:
+        local: list[RefreshJob] = []
+        sharded: dict[Any, list[tuple[RefreshJob, tuple]]] = defaultdict(list)
+        for job in jobs:
+            info = row_shard_info(self._index_params[job.index])
+            if info is None:
+                local.append(job)
+            else:
+                sharded[info[0]].append((job, info))
+        if local:
+            super()._refresh(local)  # replicated or unsharded: same gradient everywhere
+        # every rank sees the same groups (same params), in parameter order
+        for pg, entries in sharded.items():
+            if self.refresh_mode == "owner":
+                self._owner_refresh(pg, entries)
+            else:
+                self._subspace_refresh(pg, entries)
+
+    def _owner_refresh(self, pg, entries: list[tuple[RefreshJob, tuple]]) -> None:
+        jobs = [e[0] for e in entries]
+        rank, world = entries[0][1][1], entries[0][1][2]
+        shapes = [tuple(j.global_shape) for j in jobs]
+        owners = assign_owners([svd_cost(s) for s in shapes], world)
+        counts = []
+        for job, s in zip(jobs, shapes):
+            rows = chunk_rows(s[0], world)
+            if job.item.grad.shape[0] != rows[rank]:
+                raise RuntimeError(
+                    f"FSDP2 shard of a {s} matrix has {job.item.grad.shape[0]} rows on rank "
+                    f"{rank}, expected torch.chunk's {rows[rank]}"
+                )
+            counts.append(flat_counts(s, rows))
+        fulls = gather_to_owners([j.item.grad for j in jobs], counts, owners, shapes, group=pg)
+        bases = [
+            self._compute_basis(job, full) if full is not None else None
+            for job, full in zip(jobs, fulls)
+        ]
+        dims = [(job.item.group["rank"], s[1] if job.side == "right" else s[0])
+                for job, s in zip(jobs, shapes)]
+        device = jobs[0].item.grad.device
+        shared = share_from_owners(bases, dims, owners, group=pg, device=device)
+        for job, basis in zip(jobs, shared):
+            self._set_projector(job, basis)
+
+    def _subspace_refresh(self, pg, entries: list[tuple[RefreshJob, tuple]]) -> None:
+        """pj.compute_basis(method="randomized") for all due matrices in lockstep, the Gram
+        products of each iteration all-reduced in one packed buffer."""
+        jobs = [e[0] for e in entries]
+        runs = []
+        for job in jobs:
+            group, state = job.item.group, job.item.state
+            g = pj.to_right(job.item.grad, job.side).float()
+            dim = g.shape[1]
+            k = min(group["rank"] + group["oversample"], dim)
+            gen = pj.refresh_generator(group["seed"], job.step, job.index)
+            prev = pj.proj_to_basis(state["proj"], job.side) if "proj" in state else None
+            if prev is None:
+                start, n_iter = pj.random_basis(dim, k, gen, g.device), group["first_power_iters"]
+            else:
+                extra = k - prev.shape[0]
+                fill = pj.random_basis(dim, extra, gen, g.device) if extra > 0 else prev[:0]
+                start, n_iter = torch.cat([prev.to(g.device, torch.float32), fill]), group["power_iters"]
+            runs.append({"g": g, "x": start.t(), "iters": n_iter, "prev": prev})
+
+        def gram_all(active: list[int]) -> list[torch.Tensor]:
+            parts = [runs[i]["g"].t() @ (runs[i]["g"] @ runs[i]["x"]) for i in active]
+            if not parts:
+                return []
+            flat = torch.cat([p.reshape(-1) for p in parts])
+            dist.all_reduce(flat, group=pg)
+            COMM.record("subspace_gram", flat.numel() * flat.element_size())
+            return list(torch.split(flat, [p.numel() for p in parts]))
+
+        max_iter = max(r["iters"] for r in runs)
+        for it in range(max_iter):
+            active = [i for i, r in enumerate(runs) if it < r["iters"]]
+            for i, z in zip(active, gram_all(active)):
+                runs[i]["x"], _ = torch.linalg.qr(z.reshape(runs[i]["x"].shape))
+        for r in runs:
+            r["x"], _ = torch.linalg.qr(r["x"])
+        zs = gram_all(list(range(len(runs))))
+        for job, r, z in zip(jobs, runs, zs):
+            group = job.item.group
+            x = r["x"]
+            z = z.reshape(x.shape)
+            h = (x.t() @ z).double()
+            h = 0.5 * (h + h.t())
+            evals, evecs = torch.linalg.eigh(h)
+            order = torch.argsort(evals, descending=True)[:group["rank"]]
+            basis = (x @ evecs[:, order].to(x.dtype)).t().contiguous()
+            if not bool(torch.isfinite(basis).all()):
+                self.galore_stats["nonfinite_refresh_skipped"] += 1
+                basis = None
+            elif group["signs"] == "aligned":
+                basis = pj.fix_signs(basis, r["prev"])
+            self._set_projector(job, basis)
+
+    # ------------------------------------------------------------------ HSDP
+    def _low_rank_grad(self, item: ParamItem) -> torch.Tensor:  # type: ignore[override]
+        reduced = self._reduced_low_rank.get(id(item))
+        if reduced is not None:
+            return reduced
+        return super()._low_rank_grad(item)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.replicate_group is None or dist.get_world_size(self.replicate_group) == 1:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        reps = dist.get_world_size(self.replicate_group)
+        items, jobs = self._collect()
+        if jobs:
+            # the refresh needs the replica-averaged full gradient of due matrices
+            grads = [job.item.grad for job in jobs]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat, group=self.replicate_group)
+            COMM.record("hsdp_refresh_grad", flat.numel() * flat.element_size())
+            flat.div_(reps)
+            for job, part in zip(jobs, torch.split(flat, [g.numel() for g in grads])):
+                job.item.grad = part.reshape(job.item.grad.shape).to(job.item.grad.dtype)
+            self._refresh(jobs)
+        # one all-reduce of every low-rank (GaLore) or full (other) gradient
+        lows = [super(FSDPGaLoreMixin, self)._low_rank_grad(item) for item in items]
+        if lows:
+            flat = torch.cat([g.reshape(-1).float() for g in lows])
+            dist.all_reduce(flat, group=self.replicate_group)
+            COMM.record("hsdp_low_rank", flat.numel() * flat.element_size())
+            flat.div_(reps)
+            for item, low, part in zip(items, lows, torch.split(flat, [g.numel() for g in lows])):
+                red = part.reshape(low.shape).to(low.dtype)
+                self._reduced_low_rank[id(item)] = red
+                if not item.galore:
+                    item.grad = red
+        try:
+            for item in items:
+                self._update(item)
+                item.state["step"] += 1
+        finally:
+            self._reduced_low_rank.clear()
+        return loss
+
+
+class FSDPGaLoreAdamW(FSDPGaLoreMixin, GaLoreAdamW):
+    """GaLoreAdamW for FSDP2 (fully_shard) parameters; see the module docstring."""
+
+
+class FSDPGaLoreAdamW8bit(FSDPGaLoreMixin, GaLoreAdamW8bit):
+    """GaLoreAdamW8bit for FSDP2 parameters. The 8-bit blocks are formed per rank (over the
+    local m_i x r moments), so it is not bitwise equal to a single-process run."""
+
+
+_BY_NAME = {"adamw": FSDPGaLoreAdamW, "galoreadamw": FSDPGaLoreAdamW,
+            "adamw8bit": FSDPGaLoreAdamW8bit, "galoreadamw8bit": FSDPGaLoreAdamW8bit}
+
+
+def fsdp_optimizer(name: str, params: Iterable, **kwargs: Any):
+    """Build the FSDP2 GaLore optimizer by name ("adamw" | "adamw8bit")."""
+    key = name.lower().replace("_", "").replace("-", "")
+    if key not in _BY_NAME:
+        raise ValueError(f"optimizer {name!r} on FSDP2: expected one of adamw, adamw8bit")
+    return _BY_NAME[key](params, **kwargs)
