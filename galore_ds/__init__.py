@@ -9,4 +9,21 @@ from galore_ds.optim import (
 )
 
 __version__ = "0.1.0"
+
+
+def _register_deepspeed() -> None:
+    """DeepSpeed JSON `"optimizer": {"type": "GaLoreAdamW"}` (galore_ds/distributed/deepspeed.py).
+
+    Cheap: sets the names in torch.optim; the engine hooks are installed now if deepspeed is
+    already imported, else when the optimizer is first constructed."""
+    import sys
+
+    from galore_ds.distributed import deepspeed as _ds
+
+    _ds.register_names()
+    if "deepspeed" in sys.modules:
+        _ds.register(quiet=True)
+
+
+_register_deepspeed()
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer", "param_groups"]

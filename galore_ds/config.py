@@ -40,10 +40,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """LLaMA dimensions (Hugging Face LlamaConfig names)."""
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    hidden_size: int = 512            # defaults: the paper's 60M LLaMA
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
     num_key_value_heads: Optional[int] = None   # None = num_attention_heads (no GQA)
     vocab_size: int = 32000
     max_position_embeddings: int = 256
@@ -331,9 +331,22 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
                           f"set {key} to a {'non-negative' if allow_zero else 'positive'} value")
 
 
-def _source_exists(key: str, source: Optional[str]) -> None:
-    if source is None or source == BUILTIN_SOURCE or source.startswith(HF_PREFIX):
+def _source_exists(key: str, source: Optional[str], max_chars: int) -> None:
+    import importlib.util
+
+    if source is None or source == BUILTIN_SOURCE:
         return
+    if source.startswith(HF_PREFIX):
+        if importlib.util.find_spec("datasets") is None:
+            raise ConfigError(key, f"{source!r} needs the `datasets` package, which is not installed",
+                              "pip install datasets, or use local files")
+        if max_chars <= 0:
+            raise ConfigError("data.max_chars", "must be > 0 with an hf: source (this version reads that many characters)",
+                              "set data.max_chars, e.g. 2000000000")
+        return
+    if source.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError(key, "parquet files need the `pyarrow` package, which is not installed",
+                          "pip install pyarrow, or convert to .jsonl")
     if not Path(source).exists():
         raise ConfigError(key, f"path {source!r} does not exist",
                           f"point {key} at a .txt/.jsonl/.parquet file or directory, "
@@ -345,8 +358,7 @@ def smallest_galore_dim(m: ModelConfig, targets: list) -> int:
     head_dim = m.hidden_size // m.num_attention_heads
     kv = (m.num_key_value_heads or m.num_attention_heads) * head_dim
     dims = []
-    if any(t in "self_attn.q_proj self_attn.k_proj self_attn.v_proj self_attn.o_proj" for t in targets) \
-            or any(t in ("attn", "self_attn") for t in targets):
+    if any(t in "self_attn.q_proj self_attn.k_proj self_attn.v_proj self_attn.o_proj" for t in targets):
         dims.append(min(m.hidden_size, kv))
     if any(t in "mlp.gate_proj mlp.up_proj mlp.down_proj" for t in targets):
         dims.append(min(m.hidden_size, m.intermediate_size))
@@ -372,8 +384,8 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     _choice("model.dtype", m.dtype, DTYPES)
     _positive("model.init_std", m.init_std)
 
-    _source_exists("data.source", d.source)
-    _source_exists("data.eval_source", d.eval_source)
+    _source_exists("data.source", d.source, d.max_chars)
+    _source_exists("data.eval_source", d.eval_source, d.max_chars)
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_position_embeddings:
         raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",

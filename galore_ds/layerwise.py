@@ -74,7 +74,8 @@ CLIP_NORMS = ("lowrank", "full")
 
 @dataclass
 class _Meta:
-    group: dict
+    group_index: int  # index into optimizer.param_groups (looked up at use: load_state_dict
+                      # and schedulers replace or edit the group dicts)
     pos: int          # position in its group (stagger offsets)
     n_in_group: int
     index: int        # global parameter index, as GaLoreOptimizer._collect counts it
@@ -133,13 +134,13 @@ class LayerwiseOptimizer:
         self._meta: dict[torch.Tensor, _Meta] = {}
         self._params: list[torch.Tensor] = []
         index = 0
-        for group in optimizer.param_groups:
+        for gi, group in enumerate(optimizer.param_groups):
             galore = "rank" in group
             for pos, p in enumerate(group["params"]):
                 index += 1
                 if p in self._meta:
                     raise ValueError("a parameter appears twice in the optimizer's groups")
-                self._meta[p] = _Meta(group, pos, len(group["params"]) if galore else 0,
+                self._meta[p] = _Meta(gi, pos, len(group["params"]) if galore else 0,
                                       index - 1, galore)
                 self._params.append(p)
         self._acc: dict[torch.Tensor, torch.Tensor] = {}     # GaLore low-rank accumulators
@@ -181,6 +182,9 @@ class LayerwiseOptimizer:
             self._sq_low = self._sq_full = None
         self.global_step += 1
         if self.lr_scheduler is not None:
+            # The optimizer's step() is never called (updates ran per parameter); tell the
+            # scheduler an optimizer step happened, as torch's step wrapper would.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
             self.lr_scheduler.step()
         return True
 
@@ -240,11 +244,14 @@ class LayerwiseOptimizer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
     # ------------------------------------------------------------------ internals
+    def _group(self, meta: _Meta) -> dict:
+        return self.optimizer.param_groups[meta.group_index]
+
     def _refreshing(self, p: torch.Tensor) -> bool:
         meta = self._meta[p]
         state = self.optimizer.state[p]
         state.setdefault("step", 0)
-        return self.optimizer._refresh_due(state, meta.group, meta.pos, meta.n_in_group)
+        return self.optimizer._refresh_due(state, self._group(meta), meta.pos, meta.n_in_group)
 
     def _add_sq(self, attr: str, t: torch.Tensor) -> None:
         sq = torch.linalg.vector_norm(t, dtype=torch.float32).square()
@@ -264,7 +271,7 @@ class LayerwiseOptimizer:
             # Mid-window, projector fixed for this step: keep only the projected gradient.
             opt = self.optimizer
             param, grad = opt._local(p)
-            item = ParamItem(param, grad, opt.state[p], self._meta[p].group, True)
+            item = ParamItem(param, grad, opt.state[p], self._group(self._meta[p]), True)
             low = opt._low_rank_grad(item).to(self.accum_dtype)
             if p in self._acc:
                 self._acc[p].add_(low)
@@ -290,10 +297,10 @@ class LayerwiseOptimizer:
             return
         low = acc
         if grad is not None:
-            item = ParamItem(param, grad, state, meta.group, True)
+            item = ParamItem(param, grad, state, self._group(meta), True)
             if self._refreshing(p):
                 shape = opt._global_shape(p)
-                job = RefreshJob(item, pj.choose_side(shape, meta.group["proj_type"]),
+                job = RefreshJob(item, pj.choose_side(shape, self._group(meta)["proj_type"]),
                                  shape, meta.index, state["step"])
                 opt._set_projector(job, opt._compute_basis(job, grad))
             low_g = opt._low_rank_grad(item)
@@ -317,11 +324,11 @@ class LayerwiseOptimizer:
         if meta.galore:
             if coef != 1.0:
                 low.mul_(coef)
-            item = ParamItem(param, low, state, meta.group, True, lowrank_grad=low)
+            item = ParamItem(param, low, state, self._group(meta), True, lowrank_grad=low)
         else:
             if coef != 1.0:
                 grad.mul_(coef)
-            item = ParamItem(param, grad, state, meta.group, False)
+            item = ParamItem(param, grad, state, self._group(meta), False)
         opt._update(item)
         state["step"] += 1
         p.grad = None
@@ -334,3 +341,13 @@ def attach(model_or_optimizer: Any, optimizer: GaLoreOptimizer | None = None, **
 
 
 __all__ = ["LayerwiseOptimizer", "attach", "CLIP_NORMS"]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine registry names "galore_ds.layerwise:LayerwiseEngine"; the engine lives in
+    # galore_ds/train/engine_layerwise.py (imported lazily: it needs transformers and config).
+    if name == "LayerwiseEngine":
+        from galore_ds.train.engine_layerwise import LayerwiseEngine
+
+        return LayerwiseEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,10 @@ stays plain tensors and loads with torch.load(weights_only=True).
 Refresh methods
 ---------------
 - "svd": exact fp32 SVD (torch.linalg.svd), retried in float64 when LAPACK fails.
-- "randomized": subspace iteration on the Gram operator, warm-started from the previous
-  projector. It only ever needs products with the Gram operator G^T G (right side), so a
-  row-sharded caller can supply an all-reduced operator and get the identical answer on
-  every rank (see `subspace_iteration`).
+- "randomized": subspace iteration on the Gram operator G^T G (right side), warm-started
+  from the previous projector (first refresh: exact). It only needs products with the
+  Gram operator, so a row-sharded caller can supply an all-reduced operator and get the
+  identical answer on every rank (see `compute_basis(gram=...)`).
 
 Singular-vector signs
 ---------------------
@@ -184,6 +184,21 @@ def refresh_generator(seed: int, step: int, index: int) -> torch.Generator:
     return g
 
 
+def warm_iteration(
+    gram: Callable[[torch.Tensor], torch.Tensor], prev_basis: torch.Tensor, iters: int
+) -> torch.Tensor:
+    """Subspace iteration from the previous basis, no oversampling: X <- qr(A X).
+
+    Two matmuls with G and one thin QR per iteration. No Rayleigh-Ritz step: GaLore needs
+    the subspace, not the individual singular vectors, and skipping the rotation keeps the
+    new vectors close to their predecessors, so the moments' coordinates stay meaningful.
+    """
+    x = prev_basis.t().float()
+    for _ in range(max(iters, 1)):
+        x, _ = torch.linalg.qr(gram(x))
+    return x.t()
+
+
 def compute_basis(
     grad: torch.Tensor,
     side: Side,
@@ -192,7 +207,7 @@ def compute_basis(
     prev_basis: torch.Tensor | None,
     *,
     signs: str = "aligned",
-    oversample: int = 8,
+    oversample: int = 0,
     iters: int = 1,
     first_iters: int = 4,
     generator: torch.Generator | None = None,
@@ -200,8 +215,12 @@ def compute_basis(
 ) -> torch.Tensor:
     """New basis rows (rank, dim) for one matrix; dim = n (right) or m (left).
 
-    `gram` overrides the Gram operator for the randomized method (sharded callers).
-    Raises RuntimeError if the exact SVD fails in both precisions.
+    randomized: the first refresh is an exact SVD when the full gradient is here (one
+    iteration from a random start is not accurate enough: it drifted 1e-2); with only a
+    sharded Gram operator (`gram`), `first_iters` iterations from a seeded random start
+    with `oversample` (at least 8) extra vectors. Later refreshes warm-start from the
+    previous basis: `iters` iterations, plus Rayleigh-Ritz when `oversample` > 0.
+    Raises RuntimeError if an exact SVD fails in both precisions.
     """
     if method == "svd":
         basis = svd_basis(grad, rank, side)
@@ -209,15 +228,19 @@ def compute_basis(
         g = to_right(grad, side).float()
         op = gram if gram is not None else (lambda x: g.t() @ (g @ x))
         dim = g.shape[1]
-        k = min(rank + oversample, dim)
         gen = generator if generator is not None else refresh_generator(0, 0, 0)
-        if prev_basis is None:
-            start, n_iter = random_basis(dim, k, gen, g.device), first_iters
+        if prev_basis is None and gram is None:
+            basis = svd_basis(grad, rank, side)
+        elif prev_basis is None:
+            k = min(rank + max(oversample, 8), dim)
+            basis = subspace_iteration(op, random_basis(dim, k, gen, g.device), rank, first_iters)
+        elif oversample <= 0:
+            basis = warm_iteration(op, prev_basis.to(g.device), iters)
         else:
-            extra = k - prev_basis.shape[0]
+            extra = min(rank + oversample, dim) - prev_basis.shape[0]
             fill = random_basis(dim, extra, gen, g.device) if extra > 0 else prev_basis[:0]
-            start, n_iter = torch.cat([prev_basis.to(g.device, torch.float32), fill]), iters
-        basis = subspace_iteration(op, start, rank, n_iter)
+            start = torch.cat([prev_basis.to(g.device, torch.float32), fill])
+            basis = subspace_iteration(op, start, rank, iters)
     else:
         raise ValueError(f"refresh={method!r}: expected one of {REFRESH_METHODS}")
     if signs == "aligned":

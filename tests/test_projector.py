@@ -67,18 +67,37 @@ def test_aligned_signs_keep_perturbed_runs_together_across_refreshes():
     assert max_rel_diff(a, b) < 1e-5
 
 
-def test_randomized_refresh_finds_the_exact_subspace():
+def test_randomized_refresh_tracks_the_exact_subspace():
     g = _low_rank_matrix()
     exact = pj.svd_basis(g, 8)
-    cold = pj.compute_basis(g, "right", 8, "randomized", None, generator=pj.refresh_generator(0, 0, 0))
-    assert _subspace_error(exact, cold) < 1e-3
-    # warm start from a slightly different matrix's basis, one iteration
+    # the first refresh is exact when the whole gradient is here
+    first = pj.compute_basis(g, "right", 8, "randomized", None)
+    assert _subspace_error(exact, first) < 1e-4
+    # warm start from a nearby matrix's basis: one iteration, with and without oversampling
     prev = pj.svd_basis(g + 1e-3 * _low_rank_matrix(seed=1), 8)
-    warm = pj.compute_basis(g, "right", 8, "randomized", prev, iters=1,
-                            generator=pj.refresh_generator(0, 1, 0))
-    assert _subspace_error(exact, warm) < 1e-3
-    left = pj.compute_basis(g.t(), "left", 8, "randomized", None, generator=pj.refresh_generator(0, 0, 0))
+    for oversample in (0, 8):
+        warm = pj.compute_basis(g, "right", 8, "randomized", prev, iters=1, oversample=oversample,
+                                generator=pj.refresh_generator(0, 1, 0))
+        assert _subspace_error(exact, warm) < _subspace_error(exact, prev)
+        assert _subspace_error(exact, warm) < 1e-3
+    left_prev = pj.fix_signs(pj.svd_basis(g.t() + 1e-3 * _low_rank_matrix(seed=1).t(), 8, "left"), None)
+    left = pj.compute_basis(g.t(), "left", 8, "randomized", left_prev)
     assert _subspace_error(exact, left) < 1e-3
+
+
+def test_warm_refresh_keeps_vectors_aligned_with_their_predecessors():
+    g = _low_rank_matrix()
+    prev = pj.fix_signs(pj.svd_basis(g + 1e-3 * _low_rank_matrix(seed=1), 8), None)
+    warm = pj.compute_basis(g, "right", 8, "randomized", prev)
+    assert bool(((warm * prev).sum(dim=1) > 0.99).all())
+
+
+def test_sharded_cold_start_uses_seeded_subspace_iteration():
+    g = _low_rank_matrix()
+    gram = lambda x: g.t() @ (g @ x)  # noqa: E731
+    cold = pj.compute_basis(g, "right", 8, "randomized", None, gram=gram,
+                            generator=pj.refresh_generator(0, 0, 0))
+    assert _subspace_error(pj.svd_basis(g, 8), cold) < 1e-3
 
 
 def test_randomized_refresh_is_seeded_by_step_and_parameter():
@@ -93,9 +112,9 @@ def test_gram_operator_override_gives_the_same_basis():
     g = _low_rank_matrix()
     shards = torch.split(g, [40, 0, 56])  # uneven, one empty
     gram = lambda x: sum(s.t() @ (s @ x) for s in shards)  # noqa: E731
-    full = pj.compute_basis(g, "right", 8, "randomized", None, generator=pj.refresh_generator(0, 0, 0))
-    sharded = pj.compute_basis(g, "right", 8, "randomized", None, gram=gram,
-                               generator=pj.refresh_generator(0, 0, 0))
+    prev = pj.fix_signs(pj.svd_basis(g + 1e-2 * _low_rank_matrix(seed=1), 8), None)
+    full = pj.compute_basis(g, "right", 8, "randomized", prev)
+    sharded = pj.compute_basis(shards[0], "right", 8, "randomized", prev, gram=gram)
     assert torch.allclose(full, sharded, atol=1e-5)
 
 

@@ -10,9 +10,9 @@ Only the projector refresh communicates; these are its pieces:
 - `gather_to_owners`: ONE all_to_all_single moves every rank's piece of every due matrix
   to that matrix's owner. Pieces are contiguous row-major element ranges (a row block is
   one; a ZeRO flat range with partial rows is one too), any size including 0.
-- `share_from_owners`: ONE all_gather_into_tensor of padded flat buffers gives every rank
-  every new projector; a per-matrix flag says when an owner had nothing to share (SVD
-  failed, non-finite gradient: everybody keeps the old projector).
+- `share_from_owners`: ONE all_gather_single (all_gather_into_tensor) of padded flat
+  buffers gives every rank every new projector; a per-matrix flag says when an owner had
+  nothing to share (SVD failed, non-finite gradient: everybody keeps the old projector).
 - `CommCounter` / `count_collectives`: the helpers above record what they send; the
   context manager independently counts every torch.distributed collective issued in its
   body (tests assert 0 between refreshes).
@@ -112,7 +112,8 @@ COMM = CommCounter()
 # torch.distributed entry points counted by `count_collectives` (the ones present are wrapped)
 _COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
-    "all_to_all_single", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
+    "all_to_all_single", "all_gather_single", "reduce_scatter_single", "broadcast",
+    "broadcast_object_list", "reduce", "reduce_scatter",
     "reduce_scatter_tensor", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
     "batch_isend_irecv", "_all_gather_base", "_reduce_scatter_base",
 )
@@ -244,7 +245,7 @@ def share_from_owners(
     device: torch.device | str = "cpu",
     counter: CommCounter | None = COMM,
 ) -> list[torch.Tensor | None]:
-    """Every rank gets tensor j from rank owners[j], in ONE all_gather_into_tensor.
+    """Every rank gets tensor j from rank owners[j], in ONE all_gather_single.
 
     On the owner, tensors[j] is the value (shape shapes[j]) or None ("nothing new": every
     rank then gets None for j). Other ranks' tensors[j] are ignored. Each rank packs
@@ -277,7 +278,8 @@ def share_from_owners(
             buf[off:off + numel[j]] = t.reshape(-1).to(dtype)
         off += numel[j]
     out_buf = torch.empty(world * width, dtype=dtype, device=device)
-    dist.all_gather_into_tensor(out_buf, buf, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out_buf, buf, group=group)
     if counter is not None:
         counter.record("share_from_owners", buf.numel() * buf.element_size())
 

@@ -40,9 +40,9 @@ GALORE_OPTION_DEFAULTS: dict[str, Any] = {
     "signs": "aligned",      # "aligned" (deterministic) | "lapack" (galore-torch bit for bit)
     "moments": "keep",       # on refresh: "keep" (paper) | "reproject" | "reset"
     "stagger": False,        # spread refreshes of different matrices across the window
-    "oversample": 8,         # randomized: extra vectors beyond rank
+    "oversample": 0,         # randomized: extra random vectors (then Rayleigh-Ritz picks rank)
     "power_iters": 1,        # randomized: iterations per warm-started refresh
-    "first_power_iters": 4,  # randomized: iterations at the first (cold) refresh
+    "first_power_iters": 4,  # randomized: iterations of a cold start from a sharded Gram operator
     "seed": 0,               # randomized: seeds are (seed, step, parameter index)
 }
 MOMENT_POLICIES = ("keep", "reproject", "reset")

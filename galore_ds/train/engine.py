@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # keep this module cheap to import
 # unavailable (exit 2 with a clear line), not as a crash.
 ENGINES: dict[str, str] = {
     "single": "galore_ds.train.engine_single:SingleEngine",
-    "layerwise": "galore_ds.layerwise:LayerwiseEngine",
+    "layerwise": "galore_ds.train.engine_layerwise:LayerwiseEngine",
     "deepspeed": "galore_ds.train.engine_deepspeed:DeepSpeedEngine",
     "fsdp": "galore_ds.train.engine_fsdp:FSDPEngine",
 }

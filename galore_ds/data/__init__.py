@@ -1,0 +1,11 @@
+"""Data: documents -> tokens -> packed sequences -> per-rank micro-batches.
+
+    sources.py    read documents (python-stdlib, .txt/.jsonl/.parquet files or dirs, hf:<name>)
+    tokenizer.py  a Hugging Face tokenizer, or a local byte-level BPE trained once and cached
+    packing.py    token stream cache, packing into fixed-length sequences, train/eval split
+    loader.py     deterministic global order, per-rank sharding, resumable position
+"""
+from galore_ds.data.loader import StepLoader, eval_batches
+from galore_ds.data.packing import PackedDataset, build_datasets
+
+__all__ = ["StepLoader", "eval_batches", "PackedDataset", "build_datasets"]

@@ -1,0 +1,82 @@
+"""Checkpoints: <checkpoint.dir>/step-0000123/{engine files, trainer.pt, rng-rank*.pt}.
+
+Atomic: everything is written into .tmp-step-0000123 and renamed once all ranks are done, so
+a crash mid-save never leaves a directory that looks complete; `latest` is a one-line file
+replaced atomically. Loop state (step, data position, RNG) is stored here; model, optimizer
+and scheduler by the engine. All files load with torch.load(weights_only=True)."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from galore_ds.train.engine import Engine
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+          "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def save(root: Path, step: int, engine: Engine, trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    root = Path(root)
+    final, tmp = step_dir(root, step), root / f".tmp-step-{step:07d}"
+    if engine.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    engine.save(tmp)
+    torch.save(rng_state(), tmp / f"rng-rank{engine.rank}.pt")
+    if engine.is_main:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    engine.barrier()
+    if engine.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / "latest")
+        if keep_last > 0:
+            for old in sorted(root.glob("step-*"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
+    return final
+
+
+def resolve(root: Path, resume: str) -> Optional[Path]:
+    """'latest' -> the directory named in <root>/latest (None if there is none); else the path."""
+    if resume != "latest":
+        return Path(resume)
+    marker = Path(root) / "latest"
+    if not marker.exists():
+        return None
+    return Path(root) / marker.read_text().strip()
+
+
+def load(directory: Path, engine: Engine) -> dict[str, Any]:
+    """Restore the engine and this rank's RNG; returns the trainer state."""
+    directory = Path(directory)
+    engine.load(directory)
+    rng = directory / f"rng-rank{engine.rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return torch.load(directory / "trainer.pt", weights_only=True)

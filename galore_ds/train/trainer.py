@@ -1,0 +1,140 @@
+"""The train loop. Reads top to bottom: data, model, engine, resume, loop, final save.
+
+Everything distributed happens inside the engine; this file only decides what to run when."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from galore_ds.config import Config, DistEnv
+from galore_ds.data import StepLoader, build_datasets, eval_batches
+from galore_ds.model import build_model, num_params, use_meta
+from galore_ds.train import checkpoint
+from galore_ds.train.engine import Engine, make_engine
+from galore_ds.train.metrics import MetricsLogger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[str, Any]:
+    """Run the recipe; returns a summary (first/last loss, eval, wall time)."""
+    t, lg = cfg.training, cfg.logging
+    seed_everything(t.seed)
+    is_main = dist.rank == 0
+
+    # ---- data -------------------------------------------------------------------------------
+    tok, train_ds, eval_ds = build_datasets(cfg.data, cfg.model.vocab_size)
+    loader = StepLoader(train_ds, t.global_batch, t.micro_batch, dist.rank, dist.world_size, cfg.data.seed)
+    evals = eval_batches(eval_ds, t.eval_batches, t.micro_batch, dist.rank, dist.world_size)
+
+    # ---- model + engine ---------------------------------------------------------------------
+    engine = engine or make_engine(cfg, dist)
+    meta = engine.wants_meta_model and use_meta(cfg.model)
+    engine.setup(build_model(cfg.model, seed=t.seed, meta=meta))
+
+    # ---- resume -----------------------------------------------------------------------------
+    ckpt_root, start_step = cfg.checkpoint_dir, 0
+    if cfg.checkpoint.resume:
+        found = checkpoint.resolve(ckpt_root, cfg.checkpoint.resume)
+        if found is not None:
+            state = checkpoint.load(found, engine)
+            start_step = int(state["step"])
+            loader.load_state_dict(state["data"])
+        elif is_main:
+            print(f"checkpoint.resume: no checkpoint under {ckpt_root}; starting from step 0", flush=True)
+
+    run_dir = Path(lg.run_dir)
+    log = MetricsLogger(run_dir, is_main, t.steps, start_step, lg.progress_bar)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log.write(f"{cfg.name}: {num_params(cfg.model) / 1e6:.2f}M params, engine={engine.name}, "
+                  f"world={dist.world_size}, accumulation={cfg.accumulation(dist.world_size)}, "
+                  f"train={len(train_ds)} x {cfg.data.seq_len} tokens, eval={len(eval_ds)} seqs, "
+                  f"vocab={tok.vocab_size}")
+
+    def save(step: int) -> Path:
+        state = {"step": step, "data": loader.state_dict(), "config": json.dumps(cfg.to_dict())}
+        path = checkpoint.save(ckpt_root, step, engine, state, cfg.checkpoint.keep_last)
+        log.write(f"saved checkpoint {path}")
+        return path
+
+    def evaluate(step: int) -> float:
+        loss = engine.eval_loss(evals)
+        ppl = math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan
+        log.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
+        log.write(f"step {step}: eval loss {loss:.4f}, ppl {ppl:.2f}")
+        return loss
+
+    # ---- loop -------------------------------------------------------------------------------
+    # Ctrl-C: finish the current step, save, exit (a half-done step is never saved).
+    stop = {"flag": False}
+    def on_sigint(signum, frame):  # noqa: ANN001
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    tokens_per_step = t.global_batch * cfg.data.seq_len
+    first_loss = last_loss = math.nan
+    eval_loss = math.nan
+    t0 = time.perf_counter()
+    step = start_step
+    interrupted = False
+    try:
+        while step < t.steps:
+            ts = time.perf_counter()
+            out = engine.train_step(loader.next_step())
+            step += 1
+            dt = time.perf_counter() - ts
+            if math.isnan(first_loss):
+                first_loss = out.loss
+            last_loss = out.loss
+            if step % lg.log_every == 0 or step == t.steps:
+                rec = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                       "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                       "elapsed_s": time.perf_counter() - t0, "epoch": loader.epoch,
+                       **engine.memory_stats(), **out.extra, **engine.galore_stats()}
+                log.log(rec)
+            log.progress(1, {"loss": f"{out.loss:.3f}", "lr": f"{out.lr:.2e}", "gnorm": f"{out.grad_norm:.2f}",
+                             "tok/s": f"{tokens_per_step / dt:.0f}",
+                             "mem": f"{engine.memory_stats().get('mem_gb', 0):.2f}G"})
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                eval_loss = evaluate(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
+                save(step)
+            # rank 0's flag decides, so every rank stops after the same step
+            flag = engine.broadcast_object(stop["flag"]) if dist.world_size > 1 else stop["flag"]
+            if flag:
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        # Second Ctrl-C: a step may be half applied, so nothing is saved; the last checkpoint stands.
+        log.write("second Ctrl-C: exiting without saving")
+        log.close()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+
+    if interrupted:
+        log.write(f"interrupted at step {step}: saving")
+        save(step)
+    else:
+        if t.eval_batches:
+            eval_loss = evaluate(step)
+        if cfg.checkpoint.save_final:
+            save(step)
+    wall = time.perf_counter() - t0
+    log.close()
+    return {"first_loss": first_loss, "last_loss": last_loss, "eval_loss": eval_loss, "step": step,
+            "wall_s": wall, "interrupted": interrupted}

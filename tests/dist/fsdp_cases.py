@@ -1,0 +1,328 @@
+"""Multi-process FSDP2 GaLore cases: one process group per world size, every case inside it.
+
+Run by tests/test_fsdp.py (env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, like torchrun):
+    torchrun --nproc_per_node 4 tests/dist/fsdp_cases.py --out /tmp/r.json [--only NAME ...]
+Each case builds the same tiny model on every rank, trains it with FSDP2 + our optimizer on a
+global batch split across ranks, and trains an unsharded copy with the single-process
+GaLoreAdamW on the whole global batch inside the same rank. Rank 0 writes one JSON with
+every case's numbers and errors (per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from galore_ds.distributed.common import COMM, chunk_rows, count_collectives  # noqa: E402
+from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit  # noqa: E402
+from galore_ds.optim.adamw import GaLoreAdamW  # noqa: E402
+from galore_ds.optim.base import side_of  # noqa: E402
+
+TOL = 1e-5
+IN, OUT = 7, 3
+
+
+class Tiny(nn.Module):
+    """LLaMA-ish shapes with odd row counts: 10x7, 13x10, 5x13 (wide: 2,2,1,0 rows on 4
+    ranks), a norm vector and a full-rank head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(IN, 10)
+        self.mlp_up = nn.Linear(10, 13, bias=False)
+        self.mlp_down = nn.Linear(13, 5, bias=False)
+        self.norm = nn.Parameter(torch.ones(5))
+        self.head = nn.Linear(5, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        h = torch.tanh(self.mlp_up(h))
+        h = self.mlp_down(h) * self.norm
+        return self.head(torch.tanh(h))
+
+
+GALORE = ("embed.weight", "mlp_up.weight", "mlp_down.weight")
+
+
+def make_model(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def groups(model: nn.Module, **galore) -> list[dict]:
+    named = dict(model.named_parameters())
+    g = dict(params=[named[n] for n in GALORE], rank=3, weight_decay=0.01, **galore)
+    rest = dict(params=[p for n, p in named.items() if n not in GALORE], weight_decay=0.0)
+    return [g, rest]
+
+
+def data(step: int, micro: int, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7919 * step + 31 * micro + 1)
+    x = torch.randn(bsz, IN, generator=gen)
+    y = torch.randn(bsz, OUT, generator=gen)
+    return x, y
+
+
+def shard_model(model: nn.Module, mesh=None) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {} if mesh is None else {"mesh": mesh}
+    for mod in (model.embed, model.mlp_up, model.mlp_down, model.head):
+        fully_shard(mod, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def rel_diff(sharded: nn.Module, ref: nn.Module) -> float:
+    worst = 0.0
+    for (name, p), (_, q) in zip(sharded.named_parameters(), ref.named_parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        worst = max(worst, float((full.detach() - q.detach()).norm() / q.detach().norm().clamp_min(1e-30)))
+    return worst
+
+
+def cdm_count(fn) -> tuple[int, int, object]:
+    """(torch.distributed calls, CommDebugMode c10d/funcol ops, fn's result)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    cdm = CommDebugMode()
+    with count_collectives() as c, cdm:
+        out = fn()
+    return c.total_calls(), cdm.get_total_counts(), out
+
+
+def run_training(
+    *, steps: int, gap: int, bsz: int, accum: int = 1, sync_each: bool = False,
+    refresh_mode: str = "owner", refresh: str = "svd", opt_cls=FSDPGaLoreAdamW,
+    stagger: bool = False, mesh=None, replicate_group=None, dp_rank=None, dp_size=None,
+    lr: float = 1e-2, start_step: int = 0, model=None, opt=None,
+):
+    """Train the sharded model; returns (model, opt, per-step collective counts)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank = rank if dp_rank is None else dp_rank
+    dp_size = world if dp_size is None else dp_size
+    if model is None:
+        model = shard_model(make_model(), mesh)
+        opt = opt_cls(groups(model, update_proj_gap=gap, refresh=refresh, stagger=stagger),
+                      lr=lr, refresh_mode=refresh_mode, replicate_group=replicate_group)
+    counts = []
+    local = bsz // dp_size
+    for step in range(start_step, start_step + steps):
+        opt.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            x, y = data(step, micro, bsz)
+            x, y = x[dp_rank * local:(dp_rank + 1) * local], y[dp_rank * local:(dp_rank + 1) * local]
+            if accum > 1 and not sync_each:
+                model.set_requires_gradient_sync(micro == accum - 1)
+            loss = nn.functional.mse_loss(model(x), y) / accum
+            loss.backward()
+        calls, cdm, _ = cdm_count(opt.step)
+        counts.append((calls, cdm))
+    return model, opt, counts
+
+
+def reference(*, steps: int, gap: int, bsz: int, accum: int = 1, refresh: str = "svd",
+              stagger: bool = False, lr: float = 1e-2):
+    """Single-process GaLoreAdamW (proj_type='right') on the whole global batch (accum x bsz)."""
+    model = make_model()
+    opt = GaLoreAdamW(groups(model, update_proj_gap=gap, refresh=refresh, stagger=stagger,
+                             proj_type="right"), lr=lr)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        xs, ys = zip(*(data(step, micro, bsz) for micro in range(accum)))
+        loss = nn.functional.mse_loss(model(torch.cat(xs)), torch.cat(ys))
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+def refresh_steps(steps: int, gap: int) -> list[int]:
+    return [s for s in range(steps) if s % gap == 0]
+
+
+# ------------------------------------------------------------------------------ cases
+def case_exact(world: int, refresh_mode="owner", refresh="svd", accum=1, sync_each=False,
+               steps=7, gap=3, stagger=False) -> dict:
+    bsz = 12
+    model, opt, counts = run_training(steps=steps, gap=gap, bsz=bsz, accum=accum, sync_each=sync_each,
+                                      refresh_mode=refresh_mode, refresh=refresh, stagger=stagger)
+    ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, refresh=refresh, stagger=stagger)
+    diff = rel_diff(model, ref)
+    refr = set(refresh_steps(steps, gap)) if not stagger else set()
+    between = [counts[s] for s in range(steps) if s not in refr] if not stagger else []
+    at = [counts[s] for s in sorted(refr)]
+    out = {"rel_diff": diff, "counts": counts, "refreshes": opt.galore_stats["refreshes"],
+           "ref_refreshes": ref_opt.galore_stats["refreshes"]}
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    assert opt.galore_stats["refreshes"] == ref_opt.galore_stats["refreshes"], out
+    assert all(c == (0, 0) for c in between), f"collectives between refreshes: {between}"
+    if refresh_mode == "owner":
+        assert all(c[0] == 2 for c in at), f"owner refresh should be 2 collectives: {at}"
+    # every GaLore matrix is projected on the right (row shards)
+    for p in model.parameters():
+        st = opt.state[p]
+        if "proj" in st:
+            assert side_of(st) == "right"
+            assert st["exp_avg"].shape == (p.to_local().shape[0], 3), st["exp_avg"].shape
+    return out
+
+
+def case_stagger(world: int) -> dict:
+    """Staggered refreshes (a different subset each step) still equal single-process."""
+    steps, gap = 7, 3
+    model, opt, counts = run_training(steps=steps, gap=gap, bsz=12, stagger=True)
+    ref, _ = reference(steps=steps, gap=gap, bsz=12, stagger=True)
+    diff = rel_diff(model, ref)
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    return {"rel_diff": diff, "counts": counts}
+
+
+def case_8bit_smoke(world: int) -> dict:
+    """8-bit moments on shards: trains, finite, no collectives between refreshes."""
+    steps, gap = 4, 3
+    model, opt, counts = run_training(steps=steps, gap=gap, bsz=12, opt_cls=FSDPGaLoreAdamW8bit)
+    for p in model.parameters():
+        assert torch.isfinite(p.to_local()).all()
+    assert all(c == (0, 0) for s, c in enumerate(counts) if s % gap), counts
+    ref, _ = reference(steps=steps, gap=gap, bsz=12)
+    return {"counts": counts, "rel_diff_vs_fp32_adamw": rel_diff(model, ref)}
+
+
+def case_layout(world: int) -> dict:
+    """FSDP2 row split is torch.chunk's (10 rows on 4 ranks: 3,3,3,1; 5 rows: 2,2,1,0)."""
+    rank = dist.get_rank()
+    model = shard_model(make_model())
+    rows = {}
+    for name, p in model.named_parameters():
+        rows[name] = p.to_local().shape[0]
+        assert rows[name] == chunk_rows(p.shape[0], world)[rank], (name, rows[name])
+    return {"rows": rows}
+
+
+def case_hsdp(world: int) -> dict:
+    """HSDP 2 x 2: fully_shard on the shard mesh, projected gradients all-reduced over the
+    replicate mesh by the optimizer (1 collective per step, m_i x r instead of m_i x n)."""
+    if world != 4:
+        return {"skipped": "needs 4 ranks"}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    steps, gap, bsz = 7, 3, 12
+    model, opt, counts = run_training(steps=steps, gap=gap, bsz=bsz, mesh=mesh["shard"],
+                                      replicate_group=mesh["replicate"].get_group())
+    ref, _ = reference(steps=steps, gap=gap, bsz=bsz)
+    diff = rel_diff(model, ref)
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    refr = set(refresh_steps(steps, gap))
+    assert all(c[0] == 1 for s, c in enumerate(counts) if s not in refr), counts
+    assert all(c[0] == 4 for s, c in enumerate(counts) if s in refr), counts
+    # bytes over the replicate mesh per step vs all-reducing the full local gradients
+    low = sum(opt.state[p]["exp_avg"].numel() for p in model.parameters()) * 4
+    full = sum(p.to_local().numel() for p in model.parameters()) * 4
+    return {"rel_diff": diff, "counts": counts, "replicate_bytes_per_step": low,
+            "full_grad_bytes_per_step": full}
+
+
+CKPT_STEPS, CONT_STEPS, CKPT_GAP = 4, 4, 3
+
+
+def case_dcp_save(world: int) -> dict:
+    """World 2: train 4 steps (refreshes at 0 and 3), save with torch.distributed.checkpoint."""
+    if world != 2 or not CKPT_DIR:
+        return {"skipped": "saves on 2 ranks"}
+    import torch.distributed.checkpoint as dcp
+
+    from galore_ds.distributed.fsdp import dcp_state_dict
+
+    model, opt, _ = run_training(steps=CKPT_STEPS, gap=CKPT_GAP, bsz=12)
+    dcp.save(dcp_state_dict(model, opt), checkpoint_id=CKPT_DIR)
+    return {"saved": CKPT_DIR}
+
+
+def case_dcp_load(world: int) -> dict:
+    """World 3: load the 2-rank checkpoint, train 4 more steps (refresh at 6), equal to an
+    uninterrupted single-process run of 8 steps."""
+    if world != 3 or not CKPT_DIR:
+        return {"skipped": "loads on 3 ranks"}
+    from galore_ds.distributed.fsdp import dcp_load
+
+    model = shard_model(make_model(seed=123))  # different init: the load must overwrite it
+    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=CKPT_GAP), lr=1e-2)
+    dcp_load(model, opt, CKPT_DIR)
+    for p in model.parameters():
+        assert opt.state[p]["step"] == CKPT_STEPS
+    model, opt, counts = run_training(steps=CONT_STEPS, gap=CKPT_GAP, bsz=12, model=model, opt=opt,
+                                      start_step=CKPT_STEPS)
+    ref, _ = reference(steps=CKPT_STEPS + CONT_STEPS, gap=CKPT_GAP, bsz=12)
+    diff = rel_diff(model, ref)
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    assert counts[2][0] == 2 and all(c == (0, 0) for i, c in enumerate(counts) if i != 2), counts
+    return {"rel_diff": diff, "counts": counts}
+
+
+CASES = {
+    "layout": case_layout,
+    "owner_svd": lambda w: case_exact(w),
+    "owner_svd_accum4_nosync": lambda w: case_exact(w, accum=4, steps=5, gap=2),
+    "owner_svd_accum4_sync_each": lambda w: case_exact(w, accum=4, sync_each=True, steps=5, gap=2),
+    "owner_randomized": lambda w: case_exact(w, refresh="randomized"),
+    "subspace": lambda w: case_exact(w, refresh_mode="subspace", refresh="randomized"),
+    "stagger": case_stagger,
+    "adamw8bit_smoke": case_8bit_smoke,
+    "hsdp_2x2": case_hsdp,
+    "dcp_save_2": case_dcp_save,
+    "dcp_load_3": case_dcp_load,
+}
+CKPT_DIR = ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--ckpt", default="", help="checkpoint dir shared by the 2- and 3-rank runs")
+    args = ap.parse_args()
+    global CKPT_DIR
+    CKPT_DIR = args.ckpt
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = args.only or list(CASES)
+    results = {}
+    for name in names:
+        if name not in CASES:
+            continue
+        COMM.reset()
+        t0 = time.perf_counter()
+        try:
+            res = CASES[name](world)
+            results[name] = {"ok": True, **res}
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                             "trace": traceback.format_exc()[-2000:]}
+        results[name]["seconds"] = round(time.perf_counter() - t0, 3)
+        results[name]["helper_comm"] = COMM.snapshot()
+        dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world": world, "ranks": gathered}, f, indent=1, default=str)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # bitsandbytes' threads abort a normal interpreter exit ("terminate called")
+
+
+if __name__ == "__main__":
+    main()
