@@ -246,3 +246,11 @@ def test_reproject_is_refused_where_unsupported():
 def test_non_matrix_in_a_galore_group_is_refused():
     with pytest.raises(ValueError, match="only 2-D"):
         galore_ds.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8))], "rank": 2}])
+
+
+@pytest.mark.parametrize("make", [galore_ds.GaLoreAdamW, galore_ds.GaLoreAdamW8bit])
+@pytest.mark.parametrize("kw,message", [({"lr": -1.0}, "lr=-1.0"), ({"betas": (0.9, 1.0)}, "betas"),
+                                        ({"eps": -1e-8}, "eps=")])
+def test_bad_adam_hyperparameters_are_refused(make, kw, message):
+    with pytest.raises(ValueError, match=message):
+        make([torch.nn.Parameter(torch.randn(4, 4))], **kw)

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from galore_ds.optim.base import GaLoreOptimizer, ParamItem, rotate_low_rank
+from galore_ds.optim.base import GaLoreOptimizer, ParamItem, check_adam_hyperparameters, rotate_low_rank
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -28,12 +28,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         correct_bias: bool = True,
         **galore_options,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"lr={lr}: must be >= 0")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas={betas}: each must be in [0, 1)")
-        if eps < 0.0:
-            raise ValueError(f"eps={eps}: must be >= 0")
+        check_adam_hyperparameters(lr, betas, eps)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, **galore_options)
         super().__init__(params, defaults)

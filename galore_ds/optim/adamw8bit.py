@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from galore_ds.optim.base import GaLoreOptimizer, ParamItem
+from galore_ds.optim.base import GaLoreOptimizer, ParamItem, check_adam_hyperparameters
 
 _BLOCKSIZE = 256  # bitsandbytes' blockwise quantisation block
 _QMAPS: dict[tuple[str, bool], torch.Tensor] = {}
@@ -47,10 +47,7 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         min_8bit_size: int = 4096,
         **galore_options,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"lr={lr}: must be >= 0")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas={betas}: each must be in [0, 1)")
+        check_adam_hyperparameters(lr, betas, eps)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size, **galore_options)
         super().__init__(params, defaults)

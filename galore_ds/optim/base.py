@@ -48,6 +48,16 @@ GALORE_OPTION_DEFAULTS: dict[str, Any] = {
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 
 
+def check_adam_hyperparameters(lr: float, betas: tuple[float, float], eps: float) -> None:
+    """Refuse bad Adam settings where they enter, naming the value."""
+    if lr < 0.0:
+        raise ValueError(f"lr={lr}: must be >= 0")
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"betas={tuple(betas)}: each must be in [0, 1)")
+    if eps < 0.0:
+        raise ValueError(f"eps={eps}: must be >= 0")
+
+
 def side_of(state: dict) -> pj.Side:
     """The projection side recorded in a parameter's state."""
     return "right" if state["proj_right"] else "left"
