@@ -78,6 +78,9 @@ class ParamItem:
     state: dict
     group: dict
     galore: bool
+    # An already-projected gradient (per-layer accumulation keeps only this); when set,
+    # the rule uses it instead of projecting `grad`.
+    lowrank_grad: torch.Tensor | None = None
     # Already in the rule's coordinates (e.g. a projected gradient accumulated over
     # micro-batches by galore_ds.layerwise); when set, `_low_rank_grad` returns it as is.
     lowrank_grad: torch.Tensor | None = None
@@ -187,8 +190,8 @@ class GaLoreOptimizer(Optimizer):
         items, jobs = self._collect()
         if jobs:
             self._refresh(jobs)
+        self._update_items(items)
         for item in items:
-            self._update(item)
             item.state["step"] += 1
         return loss
 
@@ -289,6 +292,8 @@ class GaLoreOptimizer(Optimizer):
             return item.lowrank_grad
         if not item.galore:
             return item.grad
+        if item.lowrank_grad is not None:
+            return item.lowrank_grad
         proj = item.state["proj"]
         grad = item.grad
         if grad.dtype != proj.dtype:
@@ -315,7 +320,13 @@ class GaLoreOptimizer(Optimizer):
 
     # ------------------------------------------------------------ subclass API
     def _update(self, item: ParamItem) -> None:
+        """Apply the rule to one parameter (does not advance state["step"])."""
         raise NotImplementedError
+
+    def _update_items(self, items: list[ParamItem]) -> None:
+        """Apply the rule to every parameter of a step; a rule may batch across them."""
+        for item in items:
+            self._update(item)
 
     def _rotate_moments(self, state: dict, rot: torch.Tensor, side: pj.Side) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot reproject moments")
