@@ -20,8 +20,9 @@ WORKER = ROOT / "tests" / "dist" / "fsdp_cases.py"
 _CACHE: dict = {}
 
 CASES = ["layout", "owner_svd", "owner_svd_accum4_nosync", "owner_svd_accum4_sync_each",
-         "owner_randomized", "subspace", "stagger", "adamw8bit_smoke", "hsdp_2x2",
-         "dcp_save_2", "dcp_load_3"]
+         "owner_randomized", "subspace", "stagger", "owner_reproject", "adamw8bit_smoke",
+         "hsdp_2x2", "dcp_save_2", "dcp_load_3", "engine_vs_single", "engine_hsdp_vs_single",
+         "nonfinite_refresh"]
 
 
 def _free_port() -> int:
@@ -75,7 +76,8 @@ def test_fsdp_case(world, case, tmp_path_factory):
         assert case in res, f"case {case} did not run"
         r = res[case]
         assert r["ok"], f"rank {rank}: {r.get('error')}\n{r.get('trace')}"
-    expected_runs = {"hsdp_2x2": 4, "dcp_save_2": 2, "dcp_load_3": 3}.get(case, world)
+    expected_runs = {"hsdp_2x2": 4, "dcp_save_2": 2, "dcp_load_3": 3, "engine_vs_single": 2,
+                      "engine_hsdp_vs_single": 4}.get(case, world)
     skipped = "skipped" in report["ranks"][0][case]
     assert skipped == (world != expected_runs), report["ranks"][0][case]
     if not skipped and "rel_diff" in report["ranks"][0][case] and case != "adamw8bit_smoke":
@@ -103,3 +105,32 @@ def test_unit_helpers():
     assert owners[0] != owners[3]  # the two big ones are split
     assert assign_owners([], 3) == []
     assert assign_owners([1.0, 1.0, 1.0], 3) == [0, 1, 2]
+
+
+def test_helpers_single_process():
+    """Without a process group the helpers are local no-ops and the FSDP optimizer on plain
+    tensors is GaLoreAdamW."""
+    import torch
+
+    from galore_ds.distributed.common import gather_to_owners, share_from_owners
+    from galore_ds.distributed.fsdp import FSDPGaLoreAdamW
+    from galore_ds.optim.adamw import GaLoreAdamW
+
+    g = torch.arange(12.0).reshape(4, 3)
+    assert torch.equal(gather_to_owners([g], [[12]], [0], [(4, 3)])[0], g)
+    assert share_from_owners([None], [(2, 3)], [0]) == [None]
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 9, bias=False)
+    b = torch.nn.Linear(6, 9, bias=False)
+    b.load_state_dict(a.state_dict())
+    oa = FSDPGaLoreAdamW([dict(params=[a.weight], rank=2, update_proj_gap=2)], lr=0.01)
+    ob = GaLoreAdamW([dict(params=[b.weight], rank=2, update_proj_gap=2)], lr=0.01)
+    for step in range(4):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(step))
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    assert torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="subspace"):
+        FSDPGaLoreAdamW([dict(params=[a.weight], rank=2)], refresh_mode="subspace")

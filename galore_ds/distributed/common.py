@@ -89,6 +89,7 @@ class CommCounter:
     bytes: dict = field(default_factory=lambda: defaultdict(int))
 
     def record(self, op: str, nbytes: int) -> None:
+        """One collective `op` that sent `nbytes` from this rank (payload, once)."""
         self.calls[op] += 1
         self.bytes[op] += int(nbytes)
 
@@ -218,8 +219,8 @@ def gather_to_owners(
     recv_split = [sum(counts[j][src] for j in mine) for src in range(world)]
     recv = torch.empty(sum(recv_split), dtype=dtype, device=device)
     dist.all_to_all_single(recv, send, recv_split, send_split, group=group)
-    if counter is not None:
-        counter.record("gather_to_owners", send.numel() * send.element_size())
+    if counter is not None:  # bytes leaving this rank (its own rows stay local)
+        counter.record("gather_to_owners", (send.numel() - send_split[rank]) * send.element_size())
 
     out: list[torch.Tensor | None] = [None] * njobs
     src_chunks = torch.split(recv, recv_split)
@@ -273,7 +274,8 @@ def share_from_owners(
         t = tensors[j]
         if t is not None:
             if t.numel() != numel[j]:
-                raise ValueError(f"share_from_owners: job {j} has {t.numel()} elements, shape says {numel[j]}")
+                raise ValueError(
+                    f"share_from_owners: job {j} has {t.numel()} elements, shape says {numel[j]}")
             buf[i] = 1.0
             buf[off:off + numel[j]] = t.reshape(-1).to(dtype)
         off += numel[j]

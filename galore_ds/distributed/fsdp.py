@@ -17,9 +17,11 @@ Refresh (every update_proj_gap steps), for all due matrices at once:
     the group's refresh method ("svd" exact, or "randomized"), ONE all_gather shares every
     new projector. Each SVD runs once in the world. Equal to the single-process optimizer.
   refresh_mode="subspace": distributed warm-started subspace iteration (group refresh must
-    be "randomized"): each iteration is ONE all-reduce of the packed n x k products
-    G_i^T (G_i X) of every due matrix; no gradient gather. Equal to the single-process
-    optimizer with refresh="randomized" (same seeds, same iteration counts).
+    be "randomized"): the core's compute_basis runs on the local rows with the Gram
+    operator X -> sum_i G_i^T (G_i X); all due matrices run in lockstep, so each iteration
+    is ONE all-reduce of the packed n x r products, and no gradient is gathered. The first
+    refresh (no basis to warm-start from) is an owner-path exact SVD, as in the single-
+    process optimizer with refresh="randomized", which it equals.
 
 HSDP (replicate x shard): pass `replicate_group` and fully_shard the model on the shard
 mesh only. Gradients are then averaged over replicas by the optimizer in low rank: the
@@ -29,6 +31,7 @@ all-reduce on refresh steps.
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -81,6 +84,53 @@ def row_shard_info(p: torch.Tensor) -> tuple[dist.ProcessGroup, int, int] | None
     if size == 1:
         return None
     return mesh.get_group(d), mesh.get_local_rank(d), size
+
+
+class _LockstepGram:
+    """Batches the Gram products of several subspace iterations running in threads: each
+    round, once every live iteration waits in `gram`, the main thread all-reduces all their
+    products (in job order) in one collective. Rounds are the same on every rank because
+    every rank runs the same iterations on identical all-reduced values."""
+
+    def __init__(self, pg, n: int) -> None:
+        self.pg = pg
+        self.cv = threading.Condition()
+        self.live = n
+        self.pending: dict[int, torch.Tensor] = {}
+        self.results: dict[int, torch.Tensor] = {}
+        self.error: BaseException | None = None
+
+    def operator(self, i: int, g: torch.Tensor):
+        def gram(x: torch.Tensor) -> torch.Tensor:
+            local = g.t() @ (g @ x)
+            with self.cv:
+                self.pending[i] = local
+                self.cv.notify_all()
+                self.cv.wait_for(lambda: i in self.results)
+                return self.results.pop(i)
+        return gram
+
+    def finish(self) -> None:
+        with self.cv:
+            self.live -= 1
+            self.cv.notify_all()
+
+    def drive(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: len(self.pending) == self.live)
+                if self.live == 0:
+                    return
+                batch = sorted(self.pending.items())
+                self.pending.clear()
+            flat = torch.cat([t.reshape(-1) for _, t in batch])
+            dist.all_reduce(flat, group=self.pg)
+            COMM.record("subspace_gram", flat.numel() * flat.element_size())
+            parts = torch.split(flat, [t.numel() for _, t in batch])
+            with self.cv:
+                for (i, t), part in zip(batch, parts):
+                    self.results[i] = part.reshape(t.shape)
+                self.cv.notify_all()
 
 
 class FSDPGaLoreMixin:
@@ -170,56 +220,44 @@ class FSDPGaLoreMixin:
             self._set_projector(job, basis)
 
     def _subspace_refresh(self, pg, entries: list[tuple[RefreshJob, tuple]]) -> None:
-        """pj.compute_basis(method="randomized") for all due matrices in lockstep, the Gram
-        products of each iteration all-reduced in one packed buffer."""
-        jobs = [e[0] for e in entries]
-        runs = []
-        for job in jobs:
-            group, state = job.item.group, job.item.state
-            g = pj.to_right(job.item.grad, job.side).float()
-            dim = g.shape[1]
-            k = min(group["rank"] + group["oversample"], dim)
-            gen = pj.refresh_generator(group["seed"], job.step, job.index)
-            prev = pj.proj_to_basis(state["proj"], job.side) if "proj" in state else None
-            if prev is None:
-                start, n_iter = pj.random_basis(dim, k, gen, g.device), group["first_power_iters"]
-            else:
-                extra = k - prev.shape[0]
-                fill = pj.random_basis(dim, extra, gen, g.device) if extra > 0 else prev[:0]
-                start, n_iter = torch.cat([prev.to(g.device, torch.float32), fill]), group["power_iters"]
-            runs.append({"g": g, "x": start.t(), "iters": n_iter, "prev": prev})
+        """Distributed subspace iteration: the core's own `compute_basis` (warm iteration,
+        or Rayleigh-Ritz with oversampling) on the local rows, with the Gram operator
+        X -> sum_i G_i^T (G_i X). All due matrices run in lockstep so that each round of
+        Gram products is ONE packed all-reduce. A matrix without a previous basis (the first
+        refresh) has nothing to warm-start from: it takes the owner path (exact SVD), which
+        is what the single-process optimizer does too."""
+        cold = [e for e in entries if "proj" not in e[0].item.state]
+        warm = [e for e in entries if "proj" in e[0].item.state]
+        if cold:
+            self._owner_refresh(pg, cold)
+        if not warm:
+            return
+        jobs = [e[0] for e in warm]
+        batch = _LockstepGram(pg, len(jobs))
+        bases: list[torch.Tensor | None] = [None] * len(jobs)
 
-        def gram_all(active: list[int]) -> list[torch.Tensor]:
-            parts = [runs[i]["g"].t() @ (runs[i]["g"] @ runs[i]["x"]) for i in active]
-            if not parts:
-                return []
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            dist.all_reduce(flat, group=pg)
-            COMM.record("subspace_gram", flat.numel() * flat.element_size())
-            return list(torch.split(flat, [p.numel() for p in parts]))
+        def run(i: int, job: RefreshJob) -> None:
+            try:
+                g = pj.to_right(job.item.grad, job.side).float()
+                bases[i] = self._compute_basis(job, job.item.grad, gram=batch.operator(i, g))
+            except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
+                batch.error = exc
+            finally:
+                batch.finish()
 
-        max_iter = max(r["iters"] for r in runs)
-        for it in range(max_iter):
-            active = [i for i, r in enumerate(runs) if it < r["iters"]]
-            for i, z in zip(active, gram_all(active)):
-                runs[i]["x"], _ = torch.linalg.qr(z.reshape(runs[i]["x"].shape))
-        for r in runs:
-            r["x"], _ = torch.linalg.qr(r["x"])
-        zs = gram_all(list(range(len(runs))))
-        for job, r, z in zip(jobs, runs, zs):
-            group = job.item.group
-            x = r["x"]
-            z = z.reshape(x.shape)
-            h = (x.t() @ z).double()
-            h = 0.5 * (h + h.t())
-            evals, evecs = torch.linalg.eigh(h)
-            order = torch.argsort(evals, descending=True)[:group["rank"]]
-            basis = (x @ evecs[:, order].to(x.dtype)).t().contiguous()
-            if not bool(torch.isfinite(basis).all()):
+        threads = [threading.Thread(target=run, args=(i, job), daemon=True)
+                   for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        batch.drive()
+        for t in threads:
+            t.join()
+        if batch.error is not None:
+            raise batch.error
+        for job, basis in zip(jobs, bases):
+            if basis is not None and not bool(torch.isfinite(basis).all()):
                 self.galore_stats["nonfinite_refresh_skipped"] += 1
                 basis = None
-            elif group["signs"] == "aligned":
-                basis = pj.fix_signs(basis, r["prev"])
             self._set_projector(job, basis)
 
     # ------------------------------------------------------------------ HSDP

@@ -10,7 +10,6 @@ every case's numbers and errors (per rank).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -105,7 +104,7 @@ def run_training(
     *, steps: int, gap: int, bsz: int, accum: int = 1, sync_each: bool = False,
     refresh_mode: str = "owner", refresh: str = "svd", opt_cls=FSDPGaLoreAdamW,
     stagger: bool = False, mesh=None, replicate_group=None, dp_rank=None, dp_size=None,
-    lr: float = 1e-2, start_step: int = 0, model=None, opt=None,
+    lr: float = 1e-2, start_step: int = 0, model=None, opt=None, moments: str = "keep",
 ):
     """Train the sharded model; returns (model, opt, per-step collective counts)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -113,7 +112,8 @@ def run_training(
     dp_size = world if dp_size is None else dp_size
     if model is None:
         model = shard_model(make_model(), mesh)
-        opt = opt_cls(groups(model, update_proj_gap=gap, refresh=refresh, stagger=stagger),
+        opt = opt_cls(groups(model, update_proj_gap=gap, refresh=refresh, stagger=stagger,
+                             moments=moments),
                       lr=lr, refresh_mode=refresh_mode, replicate_group=replicate_group)
     counts = []
     local = bsz // dp_size
@@ -132,11 +132,11 @@ def run_training(
 
 
 def reference(*, steps: int, gap: int, bsz: int, accum: int = 1, refresh: str = "svd",
-              stagger: bool = False, lr: float = 1e-2):
+              stagger: bool = False, lr: float = 1e-2, moments: str = "keep"):
     """Single-process GaLoreAdamW (proj_type='right') on the whole global batch (accum x bsz)."""
     model = make_model()
     opt = GaLoreAdamW(groups(model, update_proj_gap=gap, refresh=refresh, stagger=stagger,
-                             proj_type="right"), lr=lr)
+                             proj_type="right", moments=moments), lr=lr)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         xs, ys = zip(*(data(step, micro, bsz) for micro in range(accum)))
@@ -152,11 +152,13 @@ def refresh_steps(steps: int, gap: int) -> list[int]:
 
 # ------------------------------------------------------------------------------ cases
 def case_exact(world: int, refresh_mode="owner", refresh="svd", accum=1, sync_each=False,
-               steps=7, gap=3, stagger=False) -> dict:
+               steps=7, gap=3, stagger=False, moments="keep") -> dict:
     bsz = 12
     model, opt, counts = run_training(steps=steps, gap=gap, bsz=bsz, accum=accum, sync_each=sync_each,
-                                      refresh_mode=refresh_mode, refresh=refresh, stagger=stagger)
-    ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, refresh=refresh, stagger=stagger)
+                                      refresh_mode=refresh_mode, refresh=refresh, stagger=stagger,
+                                      moments=moments)
+    ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, refresh=refresh,
+                             stagger=stagger, moments=moments)
     diff = rel_diff(model, ref)
     refr = set(refresh_steps(steps, gap)) if not stagger else set()
     between = [counts[s] for s in range(steps) if s not in refr] if not stagger else []
@@ -168,6 +170,8 @@ def case_exact(world: int, refresh_mode="owner", refresh="svd", accum=1, sync_ea
     assert all(c == (0, 0) for c in between), f"collectives between refreshes: {between}"
     if refresh_mode == "owner":
         assert all(c[0] == 2 for c in at), f"owner refresh should be 2 collectives: {at}"
+    else:  # first refresh: owner SVD (2); warm refreshes: one all-reduce per iteration
+        assert at[0][0] == 2 and all(c[0] == 1 for c in at[1:]), f"subspace refresh counts: {at}"
     # every GaLore matrix is projected on the right (row shards)
     for p in model.parameters():
         st = opt.state[p]
@@ -270,6 +274,75 @@ def case_dcp_load(world: int) -> dict:
     return {"rel_diff": diff, "counts": counts}
 
 
+def case_engine(world: int, replicate: int = 1, clip: float = 0.05) -> dict:
+    """The fsdp engine (tiny LLaMA, accumulation, clipping at 0.05) equals the single engine
+    on the same global micro-batches: loss, grad norm and parameters. replicate=2 on 4 ranks
+    with clip=0: HSDP 2 x 2 with the low-rank replica all-reduce."""
+    if world != (2 if replicate == 1 else 4):
+        return {"skipped": "runs on 2 ranks (HSDP: 4)"}
+    from galore_ds.config import DistEnv, from_dict
+    from galore_ds.model import build_model
+    from galore_ds.train.engine_fsdp import FSDPEngine
+    from galore_ds.train.engine_single import SingleEngine
+
+    rank = dist.get_rank()
+    cfg = from_dict({
+        "model": {"hidden_size": 16, "intermediate_size": 26, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "vocab_size": 32, "max_position_embeddings": 16},
+        "training": {"optimizer": "galore_adamw", "steps": 4, "lr": 0.01, "warmup_steps": 1,
+                     "global_batch": 8, "micro_batch": 1, "grad_clip": clip},
+        "galore": {"rank": 4, "update_proj_gap": 2, "proj_type": "right"},
+        "engine": {"mode": "fsdp", "fsdp": {"replicate": replicate}},
+    })
+    n_micro = cfg.accumulation(world)
+    fs = FSDPEngine(cfg, DistEnv(rank, world, rank, "torch"))
+    fs.setup(build_model(cfg.model, seed=0, meta=False))
+    single = SingleEngine(cfg, DistEnv())
+    single.setup(build_model(cfg.model, seed=0, meta=False))
+    out = []
+    for step in range(4):
+        gen = torch.Generator().manual_seed(100 + step)
+        ids = torch.randint(0, 32, (8, 8), generator=gen)
+        mbs = [{"input_ids": ids[i:i + 1], "labels": ids[i:i + 1]} for i in range(8)]
+        mine = mbs[rank * n_micro:(rank + 1) * n_micro]
+        a, b = fs.train_step(mine), single.train_step(mbs)
+        out.append((a.loss, b.loss, a.grad_norm, b.grad_norm))
+        assert abs(a.loss - b.loss) <= 1e-5 * abs(b.loss), out
+        if clip > 0:
+            assert abs(a.grad_norm - b.grad_norm) <= 1e-5 * b.grad_norm, out
+    diff = rel_diff(fs.model, single.model)
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    if clip > 0:
+        assert out[0][3] > clip, "clipping should be active in this test"
+    else:
+        assert getattr(fs.optimizer, "replicate_group", None) is not None, "low-rank HSDP path"
+    return {"rel_diff": diff, "loss_gradnorm": out, "stats": fs.galore_stats()}
+
+
+def case_nonfinite_refresh(world: int) -> dict:
+    """A non-finite gradient row on one rank at a refresh: the owner shares "nothing new",
+    every rank keeps the same old projector (none diverges, nobody hangs)."""
+    gap = 2
+    model, opt, _ = run_training(steps=gap, gap=gap, bsz=12)
+    p = model.mlp_up.weight
+    old = opt.state[p]["proj"].clone()
+    x, y = data(99, 0, 12)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    if dist.get_rank() == 0:
+        p.grad.to_local()[0, 0] = float("nan")
+    opt.step()  # step `gap`: refresh due
+    new = opt.state[p]["proj"]
+    assert torch.equal(new, old), "projector changed despite a non-finite gradient"
+    gathered = [torch.empty_like(new) for _ in range(world)]
+    dist.all_gather(gathered, new.contiguous())
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    skipped = torch.tensor([opt.galore_stats["nonfinite_refresh_skipped"]])
+    dist.all_reduce(skipped)
+    assert int(skipped) == 1, int(skipped)  # counted once: on the owner
+    return {"skipped_total": int(skipped)}
+
+
 CASES = {
     "layout": case_layout,
     "owner_svd": lambda w: case_exact(w),
@@ -278,10 +351,14 @@ CASES = {
     "owner_randomized": lambda w: case_exact(w, refresh="randomized"),
     "subspace": lambda w: case_exact(w, refresh_mode="subspace", refresh="randomized"),
     "stagger": case_stagger,
+    "owner_reproject": lambda w: case_exact(w, moments="reproject"),
     "adamw8bit_smoke": case_8bit_smoke,
     "hsdp_2x2": case_hsdp,
     "dcp_save_2": case_dcp_save,
     "dcp_load_3": case_dcp_load,
+    "engine_vs_single": case_engine,
+    "engine_hsdp_vs_single": lambda w: case_engine(w, replicate=2, clip=0.0),
+    "nonfinite_refresh": case_nonfinite_refresh,
 }
 CKPT_DIR = ""
 
