@@ -2,18 +2,18 @@
 
 Registration
 ------------
-`register()` (run by `import galore_ds` when deepspeed is already imported, by
-`import galore_ds.deepspeed`, and by constructing any optimizer from this module) does:
-
-- `torch.optim.GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor` = the DeepSpeed-aware
-  classes below. DeepSpeed 0.19.8 resolves a JSON `"optimizer": {"type": NAME}` that is not
-  one of its own names with `getattr(torch.optim, NAME)(model_parameters, **params)`
-  (engine._configure_basic_optimizer), so the JSON recipe builds our optimizer.
-- the classes are added to ZeRO's supported list (no `zero_allow_untested_optimizer`).
-- post-hooks on `DeepSpeedEngine._configure_zero_optimizer` and `_configure_optimizer`
-  hand the optimizer the layout DeepSpeed chose (`bind_deepspeed`). A client instance of
-  the plain core class (galore_ds.GaLoreAdamW) is switched to the DeepSpeed-aware class
-  (same state, same math) at that point.
+`import galore_ds` puts `torch.optim.GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor` = the
+DeepSpeed-aware classes below. DeepSpeed 0.19.8 resolves a JSON `"optimizer": {"type": NAME}`
+that is not one of its own names with `getattr(torch.optim, NAME)(model_parameters, **params)`
+(engine._configure_basic_optimizer), so the JSON recipe builds our optimizer. `register()`
+(run on import when deepspeed is already imported, and by every constructor here) also
+adds the classes to ZeRO's supported list (no `zero_allow_untested_optimizer`) and wraps
+`DeepSpeedEngine._configure_zero_optimizer` / `_configure_optimizer` so the optimizer learns
+the layout DeepSpeed chose (`bind_deepspeed`). An optimizer built by the engine itself
+(JSON path, whatever the import order) finds its engine on the call stack and binds at its
+first real step. A client instance of the core class (galore_ds.GaLoreAdamW) is switched to
+the DeepSpeed-aware class (same state and math). Steps DeepSpeed runs while building its
+wrapper (FP16_UnfusedOptimizer's zero-gradient state init) are ignored.
 
 Layout (what the optimizer sees, and what we rebuild)
 -----------------------------------------------------
@@ -25,6 +25,10 @@ Layout (what the optimizer sees, and what we rebuild)
   [r*P, (r+1)*P). We rebuild each parameter's piece as rows of its (m, n) matrix.
 - ZeRO-3: one flat fp32 tensor per sub-group = each parameter's ds_tensor chunk
   (ceil(numel/W) elements, rank r holds [r*c, (r+1)*c)). Row blocks when W divides m.
+  step() runs once per sub-group; each call handles its own matrices.
+- bf16: ZeRO-0 (FP16_UnfusedOptimizer: per-tensor fp32 copies, real shapes), ZeRO-1 with
+  fp32 grad accumulation (BF16_Optimizer: flat partitions like ZeRO-1), ZeRO-2/3 (fp32
+  masters in the ZeRO wrappers). Overflow/non-finite steps never reach the optimizer.
 
 A piece is a contiguous flattened range [s, e) of W (m x n): full rows plus at most one
 partial row at each end. GaLore uses RIGHT projection on every sharded matrix
@@ -38,6 +42,12 @@ Refresh: owner = a rank that holds the whole matrix when one does (ZeRO-1/2 inte
 matrices: no traffic), else the least-loaded holder (LPT on SVD cost); pieces go to owners
 in ONE all_to_all (common.gather_to_owners, skipped when every owner holds its matrix),
 new bases come back in ONE all_gather (common.share_from_owners).
+
+Checkpoints: the state is keyed by strings ("galore_ds:<group>:<position>"), so DeepSpeed's
+save_checkpoint / load_checkpoint round-trip it bit-identically at the same world size.
+Another world size (or ZeRO stage 1-3): `save_state_pieces(dir)` on the old run writes each
+rank's state with its row/element ranges; `load_state_pieces(dir)` on the new run re-slices
+it (GaLoreAdamW; load the full weights into the model before deepspeed.initialize).
 """
 from __future__ import annotations
 
@@ -88,6 +98,7 @@ class FlatLayout:
     segments: list[Segment]
     group: Any                # process group of this flat tensor
     n_split_rows: int = 0     # over all GaLore segments (identical on every rank)
+    device: Any = None        # where the flat tensor (and so the GaLore state) lives
 
 
 def _pieces(numel: int, bounds: list[tuple[int, int]]) -> list[int]:
@@ -131,7 +142,7 @@ def zero12_layouts(zo) -> dict[int, FlatLayout]:
             segs.append(Segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), max(off, lo) - lo,
                                 s, max(s, e), counts, base + pos, pos, len(originals)))
         base += len(originals)
-        out[id(flat)] = FlatLayout(i, segs, pg)
+        out[id(flat)] = FlatLayout(i, segs, pg, device=flat.device)
     return out
 
 
@@ -164,7 +175,34 @@ def zero3_layouts(zo) -> dict[int, FlatLayout]:
             segs.append(Segment(f"{STATE_PREFIX}:{g}:{pos}", tuple(p.ds_shape), off, st, en,
                                 counts, group_base[g] + pos, pos, n_in[g]))
             off += c
-        out[id(flat)] = FlatLayout(g, segs, pg)
+        out[id(flat)] = FlatLayout(g, segs, pg, device=flat.device)
+    return out
+
+
+def bf16_layouts(bo) -> dict[int, FlatLayout]:
+    """Layouts of BF16_Optimizer (bf16 params, fp32 grad accumulation, ZeRO-1 style): each
+    group is flattened without interior padding and split into equal rank partitions."""
+    out = {}
+    base = 0
+    for i, flat in enumerate(bo.fp32_groups_flat_partition):
+        pg = bo.real_dp_process_group[i]
+        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
+        psize = bo.bf16_groups_flat[i].numel() // world
+        bounds = [(r * psize, (r + 1) * psize) for r in range(world)]
+        params = list(bo.bf16_groups[i])
+        segs, off = [], 0
+        for pos, p in enumerate(params):
+            numel = p.numel()
+            counts = _pieces(numel, [(lo - off, hi - off) for lo, hi in bounds])
+            lo, hi = bounds[rank]
+            s, e = max(off, lo) - off, min(off + numel, hi) - off
+            if e <= s:
+                s = e = 0
+            segs.append(Segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), max(off, lo) - lo,
+                                s, max(s, e), counts, base + pos, pos, len(params)))
+            off += numel
+        base += len(params)
+        out[id(flat)] = FlatLayout(i, segs, pg, device=flat.device)
     return out
 
 
@@ -200,6 +238,7 @@ class DeepSpeedGaLoreMixin:
     _ds_layouts: dict[int, FlatLayout] | None = None
     _ds_stage: int | None = None
     _ds_group: Any = None
+    _ds_engine: Any = None    # the engine configuring us, until it is done (see _ds_pending)
 
     # ------------------------------------------------------------- construction
     @staticmethod
@@ -246,6 +285,9 @@ class DeepSpeedGaLoreMixin:
                  proj_type=None, target_modules=None, **kwargs):
         galore = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
         super().__init__(self._ds_groups(params, galore, target_modules), *args, **kwargs)
+        # Built by DeepSpeed's engine from the JSON config? Then the engine is still being
+        # configured: bind lazily at the first real step (works whatever the import order).
+        self._ds_engine = _constructing_engine()
         register(quiet=True)
 
     # ------------------------------------------------------------- binding
@@ -256,6 +298,8 @@ class DeepSpeedGaLoreMixin:
             zero_optimizer = engine.optimizer
         self._ds_stage = stage
         self._ds_group = None
+        if type(zero_optimizer).__name__ == "FP16_UnfusedOptimizer":
+            zero_optimizer = None  # bf16/fp16 at ZeRO-0: per-tensor fp32 copies, real shapes
         if zero_optimizer is None or zero_optimizer is self:
             self._ds_layouts = None
             if engine is not None:
@@ -265,6 +309,8 @@ class DeepSpeedGaLoreMixin:
             self._ds_layouts = zero12_layouts(zero_optimizer)
         elif hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
             self._ds_layouts = zero3_layouts(zero_optimizer)
+        elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):
+            self._ds_layouts = bf16_layouts(zero_optimizer)
         else:
             raise NotImplementedError(
                 f"GaLore: DeepSpeed wrapper {type(zero_optimizer).__name__} is not supported yet "
@@ -302,8 +348,24 @@ class DeepSpeedGaLoreMixin:
             self._set_projector(j, b)
 
     # ------------------------------------------------------------- ZeRO-1/2/3 step
+    def _ds_pending(self) -> bool:
+        """True while a DeepSpeed engine that built this optimizer is still configuring
+        itself. DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO-0) runs one step on
+        zero gradients to create states: GaLore ignores it (no refresh, no step count)."""
+        eng = self._ds_engine
+        if eng is None:
+            return False
+        if getattr(eng, "optimizer", None) is None:
+            return True
+        self._ds_engine = None
+        if self._ds_stage is None:
+            self.bind_deepspeed(eng, None if eng.optimizer is self else eng.optimizer)
+        return False
+
     @torch.no_grad()
     def step(self, closure=None):
+        if self._ds_pending():
+            return None
         if not self._ds_layouts:
             return super().step(closure)
         loss = None
@@ -413,7 +475,7 @@ class DeepSpeedGaLoreMixin:
             item = by_key.get(seg.key)
             if item is not None and seg.split_rows:
                 low = self._project(item)
-                item.lowrank = low
+                item.lowrank_grad = low
                 n = seg.shape[1]
                 r0, r1 = seg.start // n, (seg.end - 1) // n
                 for k, row in enumerate(seg.split_rows):
@@ -424,19 +486,98 @@ class DeepSpeedGaLoreMixin:
         dist.all_reduce(buf, group=lay.group)
         COMM.record("split_rows_all_reduce", buf.numel() * buf.element_size())
         for item, slot, local in slots:
-            item.lowrank[local] = buf[slot]
+            item.lowrank_grad[local] = buf[slot]
+
+    # ------------------------------------------------------------- world-size conversion
+    def save_state_pieces(self, directory) -> str:
+        """Write this rank's GaLore state with where each piece lies in the full parameter
+        (`galore_pieces_rank{r}.pt`, loads with weights_only=True). Together, the files of
+        all ranks describe the whole optimizer state independently of the world size:
+        `load_state_pieces` on any other world size (ZeRO 1/2/3) re-slices it."""
+        import os
+
+        if not self._ds_layouts:
+            raise RuntimeError("save_state_pieces: needs a ZeRO 1/2/3 layout (ZeRO-0 state is "
+                               "already whole: use the optimizer state_dict)")
+        entries = {}
+        for lay in self._ds_layouts.values():
+            galore = "rank" in self.param_groups[lay.group_idx]
+            for seg in lay.segments:
+                st = self.state.get(seg.key)
+                if st is None:
+                    continue
+                tensors = {}
+                for k, v in st.items():
+                    if not torch.is_tensor(v):
+                        continue
+                    if k == "proj":
+                        tensors[k] = ("whole", 0, 0, v.detach().cpu())
+                    elif not seg.numel:
+                        continue
+                    elif galore:
+                        n = seg.shape[1]
+                        tensors[k] = ("rows", seg.start // n, (seg.end - 1) // n + 1, v.detach().cpu())
+                    else:
+                        tensors[k] = ("flat", seg.start, seg.end, v.detach().cpu())
+                entries[seg.key] = {"shape": list(seg.shape), "galore": galore,
+                                    "scalars": {k: v for k, v in st.items() if not torch.is_tensor(v)},
+                                    "tensors": tensors}
+        rank, world = group_rank_size(next(iter(self._ds_layouts.values())).group)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"galore_pieces_rank{rank}.pt")
+        torch.save({"world": world, "stage": self._ds_stage, "entries": entries}, path)
+        return path
+
+    def load_state_pieces(self, directory) -> None:
+        """Inverse of save_state_pieces, for any world size and ZeRO stage 1-3 (GaLoreAdamW
+        state: moments are row-sliced, projectors replicated, 1-D Adam states flat-sliced)."""
+        import glob
+        import os
+
+        if type(self).__name__ != "DeepSpeedGaLoreAdamW":
+            raise NotImplementedError("load_state_pieces: GaLoreAdamW state only (8-bit blocks and "
+                                      "Adafactor factors are not row-separable)")
+        files = sorted(glob.glob(os.path.join(directory, "galore_pieces_rank*.pt")))
+        if not files:
+            raise FileNotFoundError(f"no galore_pieces_rank*.pt under {directory}")
+        full: dict[str, dict] = {}
+        for f in files:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+            for key, e in sd["entries"].items():
+                d = full.setdefault(key, {"shape": e["shape"], "scalars": {}, "t": {}})
+                d["scalars"].update(e["scalars"])  # holders add proj_right etc.
+                m, n = e["shape"][0], (e["shape"][1] if len(e["shape"]) > 1 else 1)
+                for k, (kind, a, b, v) in e["tensors"].items():
+                    if kind == "whole":
+                        d["t"].setdefault(k, v)
+                        continue
+                    if k not in d["t"]:
+                        size = (m, v.shape[1]) if kind == "rows" else (m * n if len(e["shape"]) > 1 else m,)
+                        d["t"][k] = torch.zeros(size, dtype=v.dtype)
+                    d["t"][k][a:b] = v
+        for lay in self._ds_layouts.values():
+            galore = "rank" in self.param_groups[lay.group_idx]
+            for seg in lay.segments:
+                d = full.get(seg.key)
+                if d is None:
+                    continue
+                st = self.state[seg.key]
+                st.clear()
+                st.update(d["scalars"])
+                for k, v in d["t"].items():
+                    if k == "proj":
+                        if seg.numel:
+                            st[k] = v.to(lay.device, copy=True)
+                    elif seg.numel:
+                        n = seg.shape[1] if galore else 1
+                        a, b = (seg.start // n, (seg.end - 1) // n + 1) if galore else (seg.start, seg.end)
+                        st[k] = v[a:b].to(lay.device, copy=True)
 
     # ------------------------------------------------------------- projection override
     @staticmethod
     def _project(item: ParamItem) -> torch.Tensor:
         return GaLoreOptimizer._low_rank_grad(item)
 
-    @staticmethod
-    def _low_rank_grad(item: ParamItem) -> torch.Tensor:
-        low = getattr(item, "lowrank", None)
-        if low is not None:
-            return low
-        return GaLoreOptimizer._low_rank_grad(item)
 
 
 class DeepSpeedGaLoreAdamW(DeepSpeedGaLoreMixin, GaLoreAdamW):
@@ -478,10 +619,32 @@ def _as_ds_optimizer(opt):
         if cls is None:
             return None
         opt.__class__ = cls  # same attributes and state; adds the partition adapter
+        # an LR scheduler built earlier wrapped the old class's step on the instance
+        inst = vars(opt).pop("step", None)
+        if inst is not None:
+            cls_step = cls.step
+
+            def step(*args, **kwargs):
+                opt._opt_called = True  # what torch's scheduler wrapper records
+                return cls_step(opt, *args, **kwargs)
+            step._wrapped_by_lr_sched = getattr(inst, "_wrapped_by_lr_sched", False)
+            opt.step = step
     return opt if isinstance(opt, DeepSpeedGaLoreMixin) else None
 
 
 _REGISTERED = False
+
+
+def _constructing_engine():
+    """The DeepSpeedEngine whose _configure_optimizer is on the call stack, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_configure_optimizer":
+            obj = frame.f_locals.get("self")
+            if type(obj).__module__.startswith("deepspeed.runtime") and hasattr(obj, "optimizer"):
+                return obj
+        frame = frame.f_back
+    return None
 
 
 def register(quiet: bool = False) -> bool:
@@ -516,14 +679,14 @@ def register(quiet: bool = False) -> bool:
         return wrapper
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
+        if isinstance(client_optimizer, GaLoreOptimizer) and _as_ds_optimizer(client_optimizer):
+            client_optimizer._ds_engine = self  # ignore wrapper-construction steps (see _ds_pending)
         out = orig_conf(self, client_optimizer, model_parameters)
         ours = _as_ds_optimizer(getattr(self, "basic_optimizer", None))
-        if ours is not None and ours._ds_stage is None:
-            if self.optimizer is not ours:
-                raise NotImplementedError(
-                    f"GaLore under DeepSpeed wrapper {type(self.optimizer).__name__}: only fp32 "
-                    "ZeRO 0-3 is supported yet (bf16/fp16 wrappers flatten parameters)")
-            ours.bind_deepspeed(self, None)
+        if ours is not None:
+            ours._ds_engine = None
+            if ours._ds_stage is None:
+                ours.bind_deepspeed(self, None if self.optimizer is ours else self.optimizer)
         return out
 
     Engine._configure_zero_optimizer = _configure_zero_optimizer

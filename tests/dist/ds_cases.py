@@ -86,8 +86,25 @@ def data(step: int, micro: int, world: int):
     return x, y
 
 
-def ds_config(stage: int, gas: int, world: int, opt: str = "GaLoreAdamW", clip: float = 0.0):
-    params = {"lr": LR, "weight_decay": WD}
+# JSON optimizer params per type (and the core class + kwargs of the single-process reference)
+OPT_PARAMS = {
+    "GaLoreAdamW": {"lr": LR, "weight_decay": WD},
+    "GaLoreAdamW8bit": {"lr": LR, "weight_decay": WD, "min_8bit_size": 16},
+    "GaLoreAdafactor": {"lr": LR, "weight_decay": WD, "relative_step": False,
+                        "scale_parameter": False},
+}
+
+
+def ref_optimizer(opt: str, params):
+    from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW8bit
+    cls = {"GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit,
+           "GaLoreAdafactor": GaLoreAdafactor}[opt]
+    return cls(params, **OPT_PARAMS[opt])
+
+
+def ds_config(stage: int, gas: int, world: int, opt: str = "GaLoreAdamW", clip: float = 0.0,
+              bf16: bool = False, sub_group_size: int = 0):
+    params = dict(OPT_PARAMS.get(opt, {}))
     if opt == "AdamW":
         params = {"lr": LR, "weight_decay": WD, "torch_adam": True}
     return {
@@ -95,10 +112,14 @@ def ds_config(stage: int, gas: int, world: int, opt: str = "GaLoreAdamW", clip: 
         "gradient_accumulation_steps": gas,
         "train_batch_size": MB * gas * world,
         "gradient_clipping": clip,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage,
+                              **({"sub_group_size": sub_group_size} if sub_group_size else {})},
         "optimizer": {"type": opt, "params": params},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **({"bf16": {"enabled": True}} if bf16 else {}),
+        # ZeRO-1 + bf16 + fp32 grad accumulation is DeepSpeed's BF16_Optimizer (flat partitions)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 and stage == 1 else {}),
     }
 
 
@@ -120,7 +141,8 @@ def ds_train_step(engine, step, gas, world, rank):
     for micro in range(gas):
         x, y = data(step, micro, world)
         xs, ys = x[rank * MB:(rank + 1) * MB], y[rank * MB:(rank + 1) * MB]
-        loss = loss_fn(engine(xs), ys)
+        dtype = next(engine.module.parameters()).dtype
+        loss = loss_fn(engine(xs.to(dtype)).float(), ys)
         engine.backward(loss)
         engine.step()
 
@@ -136,12 +158,14 @@ def ref_train_step(model, opt, step, gas, world, clip):
     opt.step()
 
 
-def make_engine(stage, gas, world, opt="GaLoreAdamW", clip=0.0, kind="odd"):
+def make_engine(stage, gas, world, opt="GaLoreAdamW", clip=0.0, kind="odd", bf16=False,
+                sub_group_size=0):
     torch.manual_seed(0)
     model = Tiny(kind)
     ref = copy.deepcopy(model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups(model),
-                                           config=ds_config(stage, gas, world, opt, clip))
+                                           config=ds_config(stage, gas, world, opt, clip, bf16,
+                                                            sub_group_size))
     return engine, ref
 
 
@@ -153,21 +177,37 @@ def split_row_flats(engine) -> int:
     return sum(1 for lay in lays.values() if lay.n_split_rows)
 
 
-def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd"):
+def master_params(engine):
+    """fp32 master weights (bf16 runs): the optimizer's own copies, gathered to full tensors."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    if engine.zero_optimization_stage() == 0:  # FP16_UnfusedOptimizer: per-tensor fp32 copies
+        master = {id(lp): hp for lg, hg in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+                  for lp, hp in zip(lg, hg)}
+        return {n: master[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd", opt_name="GaLoreAdamW",
+             bf16=False, sub_group_size=0):
     t0 = time.time()
-    engine, ref = make_engine(stage, gas, world, clip=clip, kind=kind)
+    engine, ref = make_engine(stage, gas, world, opt=opt_name, clip=clip, kind=kind, bf16=bf16,
+                              sub_group_size=sub_group_size)
     opt = engine.basic_optimizer
     assert isinstance(opt, DeepSpeedGaLoreMixin), type(opt)
-    ref_opt = GaLoreAdamW(groups(ref), lr=LR, weight_decay=WD)
+    ref_opt = ref_optimizer(opt_name, groups(ref))
     errs, calls = [], []
     for step in range(steps):
         with count_collectives() as cnt:
             ds_train_step(engine, step, gas, world, rank)
         calls.append(cnt.total_calls())
         ref_train_step(ref, ref_opt, step, gas, world, clip)
-        errs.append(rel(full_params(engine), dict(ref.named_parameters())))
+        mine = master_params(engine) if bf16 else full_params(engine)
+        mine = {n: t.float() for n, t in mine.items()}
+        errs.append(rel(mine, dict(ref.named_parameters())))
+    final = torch.cat([mine[n].reshape(-1) for n in sorted(mine)]).tolist()
     # baseline: DeepSpeed's own AdamW at the same stage, collectives per step
-    base, _ = make_engine(stage, gas, world, opt="AdamW", clip=clip, kind=kind)
+    base, _ = make_engine(stage, gas, world, opt="AdamW", clip=clip, kind=kind, bf16=bf16,
+                          sub_group_size=sub_group_size)
     base_calls = []
     for step in range(steps):
         with count_collectives() as cnt:
@@ -177,11 +217,13 @@ def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd"):
     extra = [calls[s] - base_calls[s] for s in range(steps) if s not in refresh_steps]
     return {
         "stage": stage, "gas": gas, "world": world, "clip": clip, "steps": steps, "model": kind,
+        "optimizer": opt_name, "bf16": bf16, "sub_group_size": sub_group_size,
+        "flats": len(getattr(opt, "_ds_layouts", None) or {}), "wrapper": type(engine.optimizer).__name__,
         "max_rel": max(errs), "rel_per_step": errs,
         "refreshes": opt.galore_stats["refreshes"], "refresh_steps": refresh_steps,
         "calls": calls, "adamw_calls": base_calls, "extra_calls_between_refreshes": extra,
         "split_row_flats": split_row_flats(engine), "bound_stage": opt._ds_stage,
-        "secs": time.time() - t0,
+        "secs": time.time() - t0, "final": final,
     }
 
 
@@ -203,6 +245,46 @@ def run_checkpoint(stage, world, rank, tmp):
     return {"stage": stage, "world": world, "max_abs_diff": diff}
 
 
+CONVERT = [(1, 1), (2, 2), (3, 3), (1, 3)]  # (stage saved on world 2, stage loaded on world 3)
+SAVE_STEPS, MORE_STEPS = 3, 2
+
+
+def convert_save(stage, world, rank, directory):
+    """World-size conversion, part 1: train SAVE_STEPS steps, write the GaLore state pieces
+    (one file per rank) and the full weights."""
+    engine, _ = make_engine(stage, 1, world)
+    for step in range(SAVE_STEPS):
+        ds_train_step(engine, step, 1, world, rank)
+    engine.basic_optimizer.save_state_pieces(directory)
+    params = full_params(engine)
+    if rank == 0:
+        torch.save({"world": world, "params": params}, os.path.join(directory, "params.pt"))
+    dist.barrier()
+
+
+def convert_load(stage, world, rank, directory):
+    """Part 2, on another world size: resume from the pieces, train MORE_STEPS steps; the
+    reference replays all steps single-process with each phase's global batch."""
+    saved = torch.load(os.path.join(directory, "params.pt"), weights_only=True)
+    torch.manual_seed(0)
+    model = Tiny()
+    ref = copy.deepcopy(model)
+    model.load_state_dict(saved["params"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups(model),
+                                           config=ds_config(stage, 1, world))
+    engine.basic_optimizer.load_state_pieces(directory)
+    ref_opt = ref_optimizer("GaLoreAdamW", groups(ref))
+    for step in range(SAVE_STEPS):
+        ref_train_step(ref, ref_opt, step, 1, saved["world"], 0.0)
+    errs = []
+    for step in range(SAVE_STEPS, SAVE_STEPS + MORE_STEPS):
+        ds_train_step(engine, step, 1, world, rank)
+        ref_train_step(ref, ref_opt, step, 1, world, 0.0)
+        errs.append(rel(full_params(engine), dict(ref.named_parameters())))
+    return {"from_world": saved["world"], "world": world, "stage": stage, "max_rel": max(errs),
+            "rel_per_step": errs}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -210,11 +292,19 @@ def main():
     ap.add_argument("--gas", default="1,4")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--checkpoint", action="store_true")
+    ap.add_argument("--convert-save", default=None, help="directory: write world-size-free state")
+    ap.add_argument("--convert-load", default=None, help="directory written by --convert-save")
     ap.add_argument("--even", action="store_true", help="also the no-split-row model, gas 1")
+    ap.add_argument("--variants", action="store_true",
+                    help="also GaLoreAdamW8bit and GaLoreAdafactor at ZeRO-0, gas 1")
+    ap.add_argument("--subgroups", action="store_true", help="also ZeRO-3 with sub_group_size=200")
+    ap.add_argument("--bf16", action="store_true", help="also bf16 at every stage, gas 1")
     ap.add_argument("--clip", type=float, default=0.0, help="one extra case per stage with clipping")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, verbose=False)
+    # mpirun: DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port (default 29500)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, verbose=False,
+                               distributed_port=int(os.environ.get("GALORE_DS_PORT", "29500")))
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"world": world, "cases": [], "checkpoints": [], "errors": []}
     for stage in [int(s) for s in args.stages.split(",")]:
@@ -229,13 +319,19 @@ def main():
         extra += [dict(kind="even")]
     if args.clip > 0:
         extra += [dict(clip=args.clip)]
-    for kw in extra:
-        for stage in [int(s) for s in args.stages.split(",")]:
-            try:
-                results["cases"].append(run_case(stage, 1, world, rank, args.steps, **kw))
-            except Exception:
-                results["errors"].append({"stage": stage, "case": kw, "rank": rank,
-                                          "trace": traceback.format_exc()})
+    cases = [(stage, kw) for kw in extra for stage in [int(s) for s in args.stages.split(",")]]
+    if args.bf16:
+        cases += [(stage, dict(bf16=True)) for stage in [int(s) for s in args.stages.split(",")]]
+    if args.subgroups:  # ZeRO-3 with several sub-groups per param group (step() once per sub-group)
+        cases += [(3, dict(sub_group_size=200))]
+    if args.variants:
+        cases += [(0, dict(opt_name="GaLoreAdamW8bit")), (0, dict(opt_name="GaLoreAdafactor"))]
+    for stage, kw in cases:
+        try:
+            results["cases"].append(run_case(stage, 1, world, rank, args.steps, **kw))
+        except Exception:
+            results["errors"].append({"stage": stage, "case": kw, "rank": rank,
+                                      "trace": traceback.format_exc()})
     if args.checkpoint:
         tmp = None
         if rank == 0:
@@ -252,12 +348,24 @@ def main():
         dist.barrier()
         if rank == 0:
             shutil.rmtree(box[0], ignore_errors=True)
+    results["convert"] = []
+    for k, (s_save, s_load) in enumerate(CONVERT):
+        try:
+            if args.convert_save:
+                convert_save(s_save, world, rank, os.path.join(args.convert_save, f"c{k}"))
+            if args.convert_load:
+                r = convert_load(s_load, world, rank, os.path.join(args.convert_load, f"c{k}"))
+                results["convert"].append(dict(r, saved_stage=s_save))
+        except Exception:
+            results["errors"].append({"convert": k, "rank": rank, "trace": traceback.format_exc()})
+            print(f"rank {rank} convert {k}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world": world, "per_rank": gathered}, f, indent=1)
     dist.barrier()
+    dist.destroy_process_group()  # no live gloo threads at exit (mpirun reports their abort)
 
 
 if __name__ == "__main__":
