@@ -54,6 +54,7 @@ def test_paper_shapes_and_hyperparameters():
 
 @pytest.mark.parametrize("data, key", [
     ({"modle": {}}, "modle"),                                           # unknown section
+    ({"model": 5}, "model"),                                            # a section that is not an object
     (small(training={"lr_max": 1.0}), "training.lr_max"),               # unknown key
     (small(training={"steps": "100"}), "training.steps"),               # wrong type
     (small(training={"lr": True}), "training.lr"),                      # bool is not a number

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from galore_ds.config import DataConfig
+from galore_ds.config import ConfigError, DataConfig
 from galore_ds.data.sources import read_documents
 from galore_ds.data.tokenizer import TextTokenizer, corpus_hash, get_tokenizer
 
@@ -53,10 +53,11 @@ def build_datasets(d: DataConfig, vocab_size: int) -> tuple[TextTokenizer, Packe
     data.eval_fraction of the token stream (the last documents: never trained on)."""
     docs = read_documents(d.source, d.text_field, d.max_chars, d.hf_split, d.hf_config)
     if not docs:
-        raise ValueError(f"data.source: {d.source!r} yielded no documents")
+        raise ConfigError("data.source", f"{d.source!r} yielded no documents", "point it at non-empty text")
     tok = get_tokenizer(d.tokenizer, docs, vocab_size, d.cache_dir)
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+        raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the tokenizer's {tok.vocab_size}",
+                          f"set model.vocab_size >= {tok.vocab_size}")
     tokens = token_stream(docs, tok, d.cache_dir)
     if d.eval_source is not None:
         eval_docs = read_documents(d.eval_source, d.text_field, d.max_chars, d.hf_eval_split, d.hf_config)
@@ -66,5 +67,6 @@ def build_datasets(d: DataConfig, vocab_size: int) -> tuple[TextTokenizer, Packe
         tokens, eval_tokens = tokens[:cut], tokens[cut:]
     train, evals = PackedDataset(tokens, d.seq_len), PackedDataset(eval_tokens, d.seq_len)
     if len(train) == 0:
-        raise ValueError(f"data.source: fewer than data.seq_len={d.seq_len} tokens")
+        raise ConfigError("data.source", f"has fewer than data.seq_len={d.seq_len} tokens for training",
+                          "add text or lower data.seq_len")
     return tok, train, evals

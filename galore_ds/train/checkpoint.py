@@ -41,6 +41,8 @@ def save(root: Path, step: int, engine: Engine, trainer_state: dict[str, Any], k
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:07d}"
     if engine.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".trash-*"):  # left by a save killed while deleting
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
     engine.save(tmp)
@@ -50,26 +52,37 @@ def save(root: Path, step: int, engine: Engine, trainer_state: dict[str, Any], k
     engine.barrier()
     if engine.is_main:
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)  # renamed away first: a kill never leaves a half-deleted step-*
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")
         if keep_last > 0:
             for old in sorted(root.glob("step-*"))[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     engine.barrier()
     return final
 
 
+def _discard(path: Path) -> None:
+    """Delete a step directory: an atomic rename out of the step-* namespace, then rmtree."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def resolve(root: Path, resume: str) -> Optional[Path]:
-    """'latest' -> the directory named in <root>/latest (None if there is none); else the path."""
+    """'latest' -> the directory named in <root>/latest (None if there is none); else the path.
+    If a save was killed between replacing a step directory and rewriting `latest`, the newest
+    complete step-* directory (all of them are: they only appear by an atomic rename) is used."""
     if resume != "latest":
         return Path(resume)
     marker = Path(root) / "latest"
-    if not marker.exists():
-        return None
-    return Path(root) / marker.read_text().strip()
+    named = Path(root) / marker.read_text().strip() if marker.exists() else None
+    if named is not None and (named / "trainer.pt").is_file():
+        return named
+    complete = [p for p in sorted(Path(root).glob("step-*")) if (p / "trainer.pt").is_file()]
+    return complete[-1] if complete else named
 
 
 def load(directory: Path, engine: Engine) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from galore_ds.config import Config, DistEnv
 from galore_ds.model import materialize
+from galore_ds.train import faults
 from galore_ds.train.engine import Engine, StepResult
 from galore_ds.train.optim import build_optimizer, build_param_groups
 from galore_ds.train.scheduler import warmup_cosine
@@ -54,6 +55,9 @@ class SingleEngine(Engine):
         # clip_grad_norm_ with inf max_norm only measures: the logged norm is always real.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf).item()
         lr = self.optimizer.param_groups[0]["lr"]
+        if faults.nonfinite(grad_norm):  # NaN/Inf gradient: skip the step, change no state
+            return StepResult(loss=total / n, grad_norm=grad_norm, lr=lr,
+                              extra={"skipped_steps": faults.skip_step(self, self.optimizer)})
         self.optimizer.step()
         self.scheduler.step()
         return StepResult(loss=total / n, grad_norm=grad_norm, lr=lr)
@@ -80,4 +84,4 @@ class SingleEngine(Engine):
         self.scheduler.load_state_dict(sd["scheduler"])
 
     def galore_stats(self) -> dict:
-        return dict(getattr(self.optimizer, "galore_stats", {}) or {})
+        return {**dict(getattr(self.optimizer, "galore_stats", {}) or {}), "skipped_steps": getattr(self, "skipped_steps", 0)}

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ import torch
 from galore_ds.config import Config, DistEnv
 from galore_ds.data import StepLoader, build_datasets, eval_batches
 from galore_ds.model import build_model, num_params, use_meta
-from galore_ds.train import checkpoint
+from galore_ds.train import checkpoint, faults
 from galore_ds.train.engine import Engine, make_engine
 from galore_ds.train.metrics import MetricsLogger
 
@@ -33,7 +34,8 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
     is_main = dist.rank == 0
 
     # ---- data -------------------------------------------------------------------------------
-    tok, train_ds, eval_ds = build_datasets(cfg.data, cfg.model.vocab_size)
+    with faults.data_errors(cfg):  # unreadable / empty / too small data: one-line error, exit 2
+        tok, train_ds, eval_ds = build_datasets(cfg.data, cfg.model.vocab_size)
     loader = StepLoader(train_ds, t.global_batch, t.micro_batch, dist.rank, dist.world_size, cfg.data.seed)
     evals = eval_batches(eval_ds, t.eval_batches, t.micro_batch, dist.rank, dist.world_size)
 
@@ -47,7 +49,9 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
     if cfg.checkpoint.resume:
         found = checkpoint.resolve(ckpt_root, cfg.checkpoint.resume)
         if found is not None:
-            state = checkpoint.load(found, engine)
+            faults.check_resume(found, cfg)  # incomplete, or another model's: one-line error, exit 2
+            with faults.load_errors(found):
+                state = checkpoint.load(found, engine)
             start_step = int(state["step"])
             loader.load_state_dict(state["data"])
         elif is_main:
@@ -78,12 +82,16 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
 
     # ---- loop -------------------------------------------------------------------------------
     # Ctrl-C: finish the current step, save, exit (a half-done step is never saved).
+    # A second Ctrl-C aborts at once without saving.
     stop = {"flag": False}
     def on_sigint(signum, frame):  # noqa: ANN001
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    # SIGTERM (cluster preemption, `kill`) is treated like Ctrl-C: save, then exit.
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
+        old_handlers = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     tokens_per_step = t.global_batch * cfg.data.seq_len
     first_loss = last_loss = math.nan
@@ -124,7 +132,8 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
         log.close()
         raise
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
     if interrupted:
         log.write(f"interrupted at step {step}: saving")

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""One entry for every launcher:
+
+    python launch/train.py --config configs/tiny.json
+    torchrun --nproc_per_node 2 launch/train.py --config configs/60m.json
+    deepspeed --num_gpus 8 launch/train.py --config configs/7b.json
+    mpirun -n 2 python launch/train.py --config configs/60m.json
+
+The recipe is validated before torch is imported; a bad recipe or flag exits with code 2
+and one line `error: <key>: <problem>; <fix>` on stderr, writing nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_config_module():
+    """galore_ds.config without importing the galore_ds package (whose __init__ imports torch):
+    validation must answer in well under a second."""
+    if "galore_ds.config" in sys.modules:
+        return sys.modules["galore_ds.config"]
+    spec = importlib.util.spec_from_file_location("galore_ds.config", ROOT / "galore_ds" / "config.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["galore_ds.config"] = mod  # the package import later reuses this very module
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fail(message: str, rank: int = 0) -> "NoReturn":  # noqa: F821
+    if rank == 0:  # every rank finds the same problem; one line is enough
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        fail(f"arguments: {message}; see --help")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(description="GaLore LLaMA pre-training (one recipe for python, torchrun, deepspeed, mpirun)")
+    p.add_argument("--config", required=True, help="JSON recipe, e.g. configs/tiny.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set training.lr=0.005 (repeatable; value is JSON or a string)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint (or the given step-* directory)")
+    p.add_argument("--check", action="store_true", help="validate the recipe, print it resolved, and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # added by the deepspeed launcher; the env has it too
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    C = _load_config_module()
+    overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    dist = C.DistEnv()
+    try:
+        dist = C.dist_env()
+        cfg = C.load_config(args.config, overrides, dist)
+    except C.ConfigError as e:
+        fail(str(e), dist.rank)
+    if args.check:
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+
+    # ---- heavy imports from here on ----
+    sys.path.insert(0, str(ROOT))
+    from galore_ds.train.engine import EngineUnavailable, make_engine
+
+    try:
+        engine = make_engine(cfg, dist)
+    except (EngineUnavailable, C.ConfigError) as e:
+        fail(str(e), dist.rank)
+    from galore_ds.train.trainer import train
+
+    try:
+        summary = train(cfg, dist, engine)
+    except C.ConfigError as e:  # bad data / checkpoint found while starting (galore_ds/train/faults.py)
+        fail(str(e), dist.rank)
+    except KeyboardInterrupt:
+        return 130
+    if dist.rank == 0:
+        print(f"done: step {summary['step']}, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
+              f"eval loss {summary['eval_loss']:.4f}, {summary['wall_s']:.1f}s", flush=True)
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
