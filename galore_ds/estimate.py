@@ -90,23 +90,54 @@ class Estimate:
     world_size: int
     accumulation: int
     parts: dict[str, float] = field(default_factory=dict)  # bytes
+    first_grad: float = 0.0   # the first full gradient of backward (lm_head), bytes
 
     @property
     def total(self) -> float:
+        """Sum of every term (bytes): the peak that CPU RSS shows. glibc keeps the pages freed
+        by one phase (activations, logits) for the next (gradients, optimizer temporaries),
+        so on CPU the terms add up (measured within 10%, benchmarks/memory.py)."""
         return sum(self.parts.values())
 
+    @property
+    def phase_peak(self) -> float:
+        """Peak over the step's phases (bytes): what a caching GPU allocator can reach
+        (torch.cuda.max_memory_allocated), a lower bound of `total`.
+
+        stored mode: max(start of backward: activations + loss head + first gradient,
+                         optimizer step: all gradients + update transients) on top of
+                     weights + optimizer states + projectors.
+        per-layer:   updates run inside backward, so every term can coexist (= total).
+        """
+        p = self.parts
+        if self.layerwise:
+            return self.total
+        fixed = p["weights"] + p["optimizer_states"] + p["projectors"]
+        backward = p["activations"] + p["loss_head"] + self.first_grad
+        step = p["gradients"] + p["transients"]
+        return fixed + max(backward, step)
+
     def gib(self) -> dict[str, float]:
-        return {k: round(v / GIB, 3) for k, v in {**self.parts, "total": self.total}.items()}
+        return {k: round(v / GIB, 3)
+                for k, v in {**self.parts, "total": self.total, "phase_peak": self.phase_peak}.items()}
 
 
 def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, world_size: int = 1,
              zero_stage: int = 0, accumulation: int = 1, clipping: bool = False,
-             activation_dtype: str | None = None) -> Estimate:
-    """Per-rank bytes of one training step (see the module docstring for every term)."""
+             activation_dtype: str | None = None, device: str = "cuda",
+             activation_checkpointing: bool = False) -> Estimate:
+    """Per-rank bytes of one training step (see the module docstring for every term).
+
+    device="cpu" adds bitsandbytes' CPU 8-bit kernel temporaries (it dequantises the states
+    of one tensor to fp32: m, v, grad, weight, sqrt(v), denominator and quantisation scratch,
+    about 6.5 fp32 copies of the largest 8-bit tensor); the CUDA kernel is fused.
+    """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if layerwise and world_size > 1:
         raise ValueError("the per-layer mode is single-rank: use world_size=1")
+    if layerwise and not optimizer.startswith("galore"):
+        raise ValueError("the per-layer mode runs the GaLore optimizers")
     wb = DTYPE_BYTES[s.dtype]
     ab = DTYPE_BYTES[activation_dtype or s.dtype]
     galore_m, other = s.matrices()
@@ -154,16 +185,34 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     # activations (micro-batch) and the loss head
     h, f, L, V = s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.vocab_size
     tokens = s.seq_len * s.micro_batch
-    parts["activations"] = L * tokens * (10 * h + 4 * f) * ab + tokens * 2 * h * ab
+    per_layer = tokens * (10 * h + 4 * f) * ab
+    if activation_checkpointing:   # layer inputs kept, one layer recomputed at a time
+        parts["activations"] = L * tokens * h * ab + per_layer + tokens * 2 * h * ab
+    else:
+        parts["activations"] = L * per_layer + tokens * 2 * h * ab
     parts["loss_head"] = tokens * V * (ab + 3 * 4)
 
-    # transients of the update: one parameter's temporaries (full-size for full-rank rules)
-    if optimizer in ("adamw", "adam8bit"):
-        parts["transients"] = 2.0 * largest * 4 if optimizer == "adamw" else largest * 4.0
+    # transients of the update: temporaries of the largest single update
+    big_low = max(lowrank) if lowrank else 0
+    max_other = max(other)
+    if optimizer == "adamw":
+        t = 2.0 * largest * wb                       # sqrt(v) and the denominator
+    elif optimizer == "galore" and not layerwise:
+        # GaLoreAdamW updates a param group with foreach kernels: low-rank grads, sqrt(v) and
+        # m / denominator of the whole group exist at once (fp32); full-rank group in its dtype
+        t = max(3.0 * 4 * sum(lowrank), 2.0 * wb * sum(other))
+    elif optimizer == "galore":
+        t = max(2.0 * max_other * wb, 3.0 * big_low * 4)   # per-layer: one parameter at a time
+    elif optimizer == "galore8bit":
+        t = 2.0 * big_low * 4                        # fp32 low-rank grad + update buffer
     else:
-        big_low = max(lowrank) if lowrank else 0
-        parts["transients"] = max(3.0 * big_low * 4, (2.0 if optimizer == "galore" else 1.0) * max(other) * 4)
-    return Estimate(optimizer, layerwise, zero_stage, world_size, accumulation, parts)
+        t = 0.0
+    if device == "cpu" and optimizer in ("adam8bit", "galore8bit"):
+        t += 6.5 * 4 * max(max_other, big_low)
+    # under ZeRO-1+ the optimizer only updates this rank's partition
+    parts["transients"] = t / shard_states
+    first = s.vocab_size * h * wb
+    return Estimate(optimizer, layerwise, zero_stage, world_size, accumulation, parts, first / shard_grads)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -200,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES))
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (per-layer accumulators)")
     p.add_argument("--clip", action="store_true", help="gradient clipping on (per-layer mode keeps low-rank grads)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: bitsandbytes' unfused 8-bit kernel")
+    p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -224,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     for opt in OPTIMIZERS:
         stages = (0,) if N == 1 else (0, 1, 2, 3)
         for z in stages:
-            rows.append(estimate(shape, opt, False, N, z, args.accumulation, args.clip))
+            rows.append(estimate(shape, opt, False, N, z, args.accumulation, args.clip, None,
+                                 args.device, args.activation_checkpointing))
         if N == 1 and opt.startswith("galore"):
-            rows.append(estimate(shape, opt, True, 1, 0, args.accumulation, args.clip))
+            rows.append(estimate(shape, opt, True, 1, 0, args.accumulation, args.clip, None,
+                                 args.device, args.activation_checkpointing))
     if args.json:
         print(json.dumps({"shape": asdict(shape), "params": shape.num_params(), "world_size": N,
                           "rows": [{"optimizer": e.optimizer, "layerwise": e.layerwise,
@@ -236,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
           f"L={shape.num_hidden_layers} V={shape.vocab_size}, seq {shape.seq_len} x micro-batch "
           f"{shape.micro_batch}, rank {shape.rank}, {shape.dtype}, world size {N} (GiB per rank)")
     cols = ("weights", "gradients", "optimizer_states", "projectors", "activations", "loss_head", "transients")
-    head = f"{'optimizer':<12}{'mode':<10}" + "".join(f"{c[:10]:>11}" for c in cols) + f"{'total':>9}"
+    head = f"{'optimizer':<12}{'mode':<10}" + "".join(f"{c[:10]:>11}" for c in cols) + f"{'total':>9}{'phase-pk':>9}"
     print(head)
     for e in rows:
         mode = "per-layer" if e.layerwise else (f"zero-{e.zero_stage}" if N > 1 else "stored")
         g = e.gib()
-        print(f"{e.optimizer:<12}{mode:<10}" + "".join(f"{g[c]:>11.2f}" for c in cols) + f"{g['total']:>9.2f}")
+        print(f"{e.optimizer:<12}{mode:<10}" + "".join(f"{g[c]:>11.2f}" for c in cols) + f"{g['total']:>9.2f}{g['phase_peak']:>9.2f}")
     return 0
 
 

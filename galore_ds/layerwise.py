@@ -329,7 +329,7 @@ class LayerwiseOptimizer:
             if coef != 1.0:
                 grad.mul_(coef)
             item = ParamItem(param, grad, state, self._group(meta), False)
-        opt._update(item)
+        opt._update_items([item])   # one parameter: the rule's temporaries stay one matrix big
         state["step"] += 1
         p.grad = None
 

@@ -91,3 +91,24 @@ def test_state_has_no_python_objects_beyond_numbers_and_strings():
         for key, value in s.items():
             assert isinstance(value, allowed), (key, type(value))
     pickle.dumps(opt.state_dict())
+
+
+def test_adamw_batches_are_bounded_and_give_the_same_step(monkeypatch):
+    """Foreach batching by size changes memory, never the arithmetic."""
+    from galore_ds.optim import adamw
+
+    runs = []
+    real = adamw.GaLoreAdamW._adam
+    for limit in (1 << 24, 1):  # one batch per group vs one item per batch
+        monkeypatch.setattr(adamw, "_FOREACH_BATCH_NUMEL", limit)
+        sizes = []
+        monkeypatch.setattr(adamw.GaLoreAdamW, "_adam",
+                            lambda self, items: (sizes.append(len(items)), real(self, items))[1])
+        model = tiny_llama()
+        opt = _make("adamw", model)
+        for step in range(4):
+            train_step(model, opt, step)
+        runs.append((model, sizes))
+    assert max(runs[0][1]) > 1 and max(runs[1][1]) == 1
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)

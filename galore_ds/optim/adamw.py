@@ -9,6 +9,19 @@ import torch
 from galore_ds.optim.base import GaLoreOptimizer, ParamItem, check_adam_hyperparameters, rotate_low_rank
 
 
+_FOREACH_BATCH_NUMEL = 1 << 24
+
+
+def _low_rank_numel(item: ParamItem) -> int:
+    """Elements of the gradient the rule sees: (m, r) or (r, n) for GaLore, else the param."""
+    if not item.galore:
+        return item.param.numel()
+    proj = item.state["proj"]
+    if item.state["proj_right"]:       # proj (r, n): low-rank (m, r)
+        return item.param.shape[0] * proj.shape[0]
+    return proj.shape[1] * item.param.shape[1]  # proj (m, r): low-rank (r, n)
+
+
 class GaLoreAdamW(GaLoreOptimizer):
     """AdamW with GaLore projection for groups that set `rank` (galore-torch's GaLoreAdamW).
 
@@ -37,11 +50,20 @@ class GaLoreAdamW(GaLoreOptimizer):
         self._adam([item])
 
     def _update_items(self, items: list[ParamItem]) -> None:
-        by_group: dict[int, list[ParamItem]] = {}
+        # Batches of one param group, bounded so the foreach temporaries (projected
+        # gradients, denominators, normalised updates) never exceed ~3 x 64 MiB: a whole
+        # 7B model's low-rank tensors at once would be tens of GiB.
+        pending: dict[int, tuple[list[ParamItem], int]] = {}
         for item in items:
-            by_group.setdefault(id(item.group), []).append(item)
-        for group_items in by_group.values():
-            self._adam(group_items)
+            batch, size = pending.get(id(item.group), ([], 0))
+            numel = _low_rank_numel(item)
+            if batch and size + numel > _FOREACH_BATCH_NUMEL:
+                self._adam(batch)
+                batch, size = [], 0
+            batch.append(item)
+            pending[id(item.group)] = (batch, size + numel)
+        for batch, _ in pending.values():
+            self._adam(batch)
 
     def _adam(self, items: list[ParamItem]) -> None:
         """The AdamW rule for items of one param group, moments updated with foreach kernels
