@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from galore_ds.config import DistEnv, from_dict, validate
+from galore_ds.config import DistEnv
 from galore_ds.data import StepLoader, build_datasets
 from galore_ds.model import build_model
 from galore_ds.train import checkpoint
@@ -22,6 +22,7 @@ from galore_ds.train.engine import EngineUnavailable, engine_class
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.scheduler import lr_factor
 from galore_ds.train.trainer import train
+from recipes import tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,21 +33,7 @@ def cache_dir(tmp_path_factory):
 
 
 def make_cfg(tmp_path, cache_dir, **over):
-    d = {
-        "name": "t",
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "vocab_size": 400, "max_position_embeddings": 32},
-        "data": {"source": "python-stdlib", "max_chars": 60_000, "seq_len": 32, "cache_dir": cache_dir},
-        "training": {"steps": 6, "lr": 0.01, "warmup_steps": 2, "global_batch": 8, "micro_batch": 4,
-                     "grad_clip": 1.0, "eval_batches": 2},
-        "galore": {"rank": 8, "update_proj_gap": 2},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "keep_last": 0},
-        "logging": {"run_dir": str(tmp_path / "run"), "progress_bar": False},
-    }
-    for path, value in over.items():
-        sec, key = path.split("__")
-        d.setdefault(sec, {})[key] = value
-    return validate(from_dict(d), DistEnv())
+    return tiny_cfg(tmp_path, cache_dir, **over)
 
 
 class StopAfter(SingleEngine):

@@ -22,12 +22,9 @@ from torch import nn
 
 from galore_ds.config import Config, ConfigError, DistEnv
 from galore_ds.layerwise import LayerwiseOptimizer
-from galore_ds.model import materialize
 from galore_ds.optim.base import GaLoreOptimizer
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.engine import StepResult
-from galore_ds.train.optim import build_optimizer, build_param_groups
-from galore_ds.train.scheduler import warmup_cosine
 
 
 class LayerwiseEngine(SingleEngine):
@@ -41,17 +38,12 @@ class LayerwiseEngine(SingleEngine):
         super().__init__(cfg, dist)
 
     def setup(self, model: nn.Module) -> None:
-        if any(p.is_meta for p in model.parameters()):
-            materialize(model, self.device, self.cfg.model.init_std, self.cfg.training.seed)
-        self._model = model.to(self.device)
-        self._model.train()
+        super().setup(model)  # model, optimizer and scheduler exactly as the single engine
         t = self.cfg.training
-        self.optimizer = build_optimizer(build_param_groups(self._model, self.cfg), self.cfg)
         if not isinstance(self.optimizer, GaLoreOptimizer):
             raise ConfigError("training.optimizer", f"{t.optimizer!r} has no per-layer mode",
                               "use galore_adamw, galore_adamw8bit or galore_adafactor (galore.enabled=false "
                               "gives their full-rank rule)")
-        self.scheduler = warmup_cosine(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
         self.accumulation = max(1, self.cfg.accumulation(self.world_size))
         clip = t.grad_clip if t.grad_clip > 0 else None
         self.layerwise = LayerwiseOptimizer(
