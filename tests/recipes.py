@@ -1,6 +1,8 @@
 """The smallest recipe that exercises the whole training stack (shared by the train tests)."""
 from __future__ import annotations
 
+import torch
+
 from galore_ds.config import DistEnv, from_dict, validate
 
 
@@ -22,3 +24,17 @@ def tiny_cfg(tmp_path, cache_dir, name: str = "t", **over):
         sec, key = path.split("__")
         d.setdefault(sec, {})[key] = value
     return validate(from_dict(d), DistEnv())
+
+
+def flat(obj):
+    """Every tensor (and scalar, as a tensor) in a nested state, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from flat(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from flat(v)
+    elif isinstance(obj, (int, float, bool, str)) or obj is None:
+        yield torch.tensor(float(hash(obj) % 1_000_003) if not isinstance(obj, (int, float)) else float(obj))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_json_only_config_any_import_order(tmp_path):
     the JSON optimizer binds at every stage and equals the unbound optimizer; the
     galore_ds.deepspeed.initialize wrapper picks GaLore matrices by module name."""
     out = tmp_path / "json.json"
-    port = str(29900 + os.getpid() % 50)
+    port = str(free_port())
     res = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port,
                    str(ROOT / "tests" / "dist" / "ds_json_only.py"), "--out", str(out)], out)
     assert [c["stage"] for c in res["cases"]] == [0, 1, 2, 3]
@@ -210,7 +211,7 @@ def test_mpirun_launcher(tmp_path):
     out = tmp_path / "mpi.json"
     res = _launch([str(BIN / "mpirun"), "-n", "2", sys.executable, str(CASES), "--out", str(out),
                    "--stages", "0,3", "--gas", "1"], out, timeout=300,
-                  env={"GALORE_DS_PORT": str(29950 + os.getpid() % 40)})
+                  env={"GALORE_DS_PORT": str(free_port())})
     cases = _check_run(res, 2)
     assert {c["stage"] for c in cases} == {0, 3}
     _check_cases(cases)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,7 +55,7 @@ def _losses(run_dir: Path) -> dict[int, tuple]:
 @pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="no mpirun next to the interpreter")
 def test_train_entry_deepspeed_then_mpirun_resume(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29800 + os.getpid() % 100),
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
           "launch/train.py", *_common(a)])
     full = _losses(a)
     assert sorted(full) == [1, 2, 3, 4]
@@ -63,7 +64,7 @@ def test_train_entry_deepspeed_then_mpirun_resume(tmp_path):
     (b / "metrics.jsonl").write_text("")
     _run([str(BIN / "mpirun"), "-n", "2", sys.executable, "launch/train.py", *_common(b),
           "--resume", str(b / "checkpoints" / "step-0000002")],
-         env={"MASTER_PORT": str(29850 + os.getpid() % 40)})
+         env={"MASTER_PORT": str(free_port())})
     resumed = _losses(b)
     for step in (3, 4):
         assert resumed[step] == full[step], (step, resumed[step], full[step])

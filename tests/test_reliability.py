@@ -31,7 +31,7 @@ from galore_ds.model import build_model
 from galore_ds.train import checkpoint, faults
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.trainer import train
-from recipes import tiny_cfg
+from recipes import flat, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +41,6 @@ def cache_dir(tmp_path_factory):
 
 def make_cfg(tmp_path, cache_dir, **over):
     return tiny_cfg(tmp_path, cache_dir, name="rel", **{"training__eval_batches": 1, **over})
-
-
-def flat(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from flat(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from flat(v)
-    elif isinstance(obj, (int, float, bool, str)) or obj is None:
-        yield torch.tensor(float(hash(obj) % 1_000_003) if not isinstance(obj, (int, float)) else float(obj))
 
 
 def same(a, b) -> bool:

@@ -22,7 +22,7 @@ from galore_ds.train.engine import EngineUnavailable, engine_class
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.scheduler import lr_factor
 from galore_ds.train.trainer import train
-from recipes import tiny_cfg
+from recipes import flat, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,17 +49,6 @@ class StopAfter(SingleEngine):
 
 def weights(path: Path) -> dict:
     return torch.load(path / "engine.pt", weights_only=True)  # weights_only: no pickled objects
-
-
-def flat(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from flat(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from flat(v)
 
 
 def test_loss_falls_on_tiny_data(tmp_path, cache_dir):

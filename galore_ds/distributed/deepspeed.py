@@ -118,6 +118,18 @@ def _split_rows(shape: tuple[int, ...], counts: list[int]) -> list[int]:
     return sorted(rows)
 
 
+def _range_segment(key: str, shape: tuple[int, ...], numel: int, off: int,
+                   bounds: list[tuple[int, int]], rank: int, index: int, pos: int, n: int) -> Segment:
+    """The segment of a parameter occupying [off, off + numel) of a flat tensor whose rank
+    partitions are `bounds` (ZeRO-1/2 and BF16_Optimizer lay groups out this way)."""
+    counts = _pieces(numel, [(lo - off, hi - off) for lo, hi in bounds])
+    lo, hi = bounds[rank]
+    s, e = max(off, lo) - off, min(off + numel, hi) - off
+    if e <= s:
+        s = e = 0
+    return Segment(key, shape, max(off, lo) - lo, s, max(s, e), counts, index, pos, n)
+
+
 def zero12_layouts(zo) -> dict[int, FlatLayout]:
     """Layouts of a ZeRO-1/2 optimizer (DeepSpeedZeroOptimizer), keyed by id(flat tensor)."""
     out = {}
@@ -131,16 +143,9 @@ def zero12_layouts(zo) -> dict[int, FlatLayout]:
         pos_of = {id(p): k for k, p in enumerate(originals)}
         segs = []
         for p, off in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i]):
-            numel = p.numel()
-            # this param's range in the flat group is [off, off + numel)
-            counts = _pieces(numel, [(lo - off, hi - off) for lo, hi in bounds])
-            lo, hi = bounds[rank]
-            s, e = max(off, lo) - off, min(off + numel, hi) - off
-            if e <= s:
-                s = e = 0
             pos = pos_of[id(p)]
-            segs.append(Segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), max(off, lo) - lo,
-                                s, max(s, e), counts, base + pos, pos, len(originals)))
+            segs.append(_range_segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), p.numel(), off,
+                                       bounds, rank, base + pos, pos, len(originals)))
         base += len(originals)
         out[id(flat)] = FlatLayout(i, segs, pg, device=flat.device)
     return out
@@ -192,15 +197,9 @@ def bf16_layouts(bo) -> dict[int, FlatLayout]:
         params = list(bo.bf16_groups[i])
         segs, off = [], 0
         for pos, p in enumerate(params):
-            numel = p.numel()
-            counts = _pieces(numel, [(lo - off, hi - off) for lo, hi in bounds])
-            lo, hi = bounds[rank]
-            s, e = max(off, lo) - off, min(off + numel, hi) - off
-            if e <= s:
-                s = e = 0
-            segs.append(Segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), max(off, lo) - lo,
-                                s, max(s, e), counts, base + pos, pos, len(params)))
-            off += numel
+            segs.append(_range_segment(f"{STATE_PREFIX}:{i}:{pos}", tuple(p.shape), p.numel(), off,
+                                       bounds, rank, base + pos, pos, len(params)))
+            off += p.numel()
         base += len(params)
         out[id(flat)] = FlatLayout(i, segs, pg, device=flat.device)
     return out
