@@ -6,9 +6,10 @@ import torch
 from galore_ds.config import DistEnv, from_dict, validate
 
 
-def tiny_cfg(tmp_path, cache_dir, name: str = "t", **over):
-    """A 2-layer, hidden-32 LLaMA on 60k characters of stdlib text; `section__key=value`
-    overrides any key (e.g. training__steps=30)."""
+def tiny_recipe(tmp_path, cache_dir, name: str = "t", **over) -> dict:
+    """The recipe as JSON-ready dict: a 2-layer, hidden-32 LLaMA on 60k characters of stdlib
+    text, checkpoints and run files under tmp_path; `section__key=value` overrides any key
+    (e.g. training__steps=30, engine__mode="fsdp")."""
     d = {
         "name": name,
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -23,7 +24,12 @@ def tiny_cfg(tmp_path, cache_dir, name: str = "t", **over):
     for path, value in over.items():
         sec, key = path.split("__")
         d.setdefault(sec, {})[key] = value
-    return validate(from_dict(d), DistEnv())
+    return d
+
+
+def tiny_cfg(tmp_path, cache_dir, name: str = "t", **over):
+    """`tiny_recipe`, validated into a Config."""
+    return validate(from_dict(tiny_recipe(tmp_path, cache_dir, name, **over)), DistEnv())
 
 
 def flat(obj):

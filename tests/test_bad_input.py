@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipes import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -35,17 +36,8 @@ LAUNCH = _launch_module()
 
 
 def base_recipe(work: Path, cache: str) -> dict:
-    return {
-        "name": "bad-input",
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "vocab_size": 400, "max_position_embeddings": 32},
-        "data": {"source": "python-stdlib", "max_chars": 60_000, "seq_len": 32, "cache_dir": cache},
-        "training": {"steps": 2, "lr": 0.01, "warmup_steps": 0, "global_batch": 8, "micro_batch": 4,
-                     "grad_clip": 1.0, "eval_batches": 1},
-        "galore": {"rank": 8, "update_proj_gap": 2},
-        "checkpoint": {"dir": str(work / "ckpt"), "keep_last": 0},
-        "logging": {"run_dir": str(work / "run"), "progress_bar": False},
-    }
+    return tiny_recipe(work, cache, name="bad-input", training__steps=2, training__warmup_steps=0,
+                       training__eval_batches=1)
 
 
 def merge(d: dict, patch: dict) -> dict:

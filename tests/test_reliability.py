@@ -31,7 +31,7 @@ from galore_ds.model import build_model
 from galore_ds.train import checkpoint, faults
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.trainer import train
-from recipes import flat, tiny_cfg
+from recipes import flat, tiny_cfg, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -292,18 +292,9 @@ def _torchrun(tmp_path: Path, name: str, cache_dir: str, kill_at: int, restarts:
     import subprocess
     import sys
 
-    recipe = {
-        "name": "dying-rank",
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "vocab_size": 400, "max_position_embeddings": 32},
-        "data": {"source": "python-stdlib", "max_chars": 60_000, "seq_len": 32, "cache_dir": cache_dir},
-        "training": {"steps": 10, "lr": 0.01, "warmup_steps": 2, "global_batch": 8, "micro_batch": 2,
-                     "grad_clip": 1.0, "eval_batches": 0},
-        "galore": {"rank": 8, "update_proj_gap": 3},
-        "engine": {"mode": "fsdp"},
-        "checkpoint": {"dir": str(tmp_path / name / "ckpt"), "every": 3, "keep_last": 0},
-        "logging": {"run_dir": str(tmp_path / name / "run"), "progress_bar": False},
-    }
+    recipe = tiny_recipe(tmp_path / name, cache_dir, name="dying-rank", training__steps=10,
+                         training__micro_batch=2, training__eval_batches=0, galore__update_proj_gap=3,
+                         engine__mode="fsdp", checkpoint__every=3)
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(recipe))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
