@@ -457,6 +457,14 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     if e.mode == "single" and dist.world_size > 1:
         raise ConfigError("engine.mode", f"'single' runs one process but the launcher started {dist.world_size}",
                           "use engine.mode=auto/deepspeed/fsdp, or launch one process")
+    fp16 = e.deepspeed.get("fp16", {})
+    stage = e.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(fp16, dict) and fp16.get("enabled") and stage == 0:
+        # engine.backward skips the loss scaling that FP16_UnfusedOptimizer.step undoes
+        raise ConfigError("engine.deepspeed.fp16",
+                          "DeepSpeed 0.19.8 at ZeRO stage 0 never scales an fp16 loss but divides "
+                          "every gradient by the loss scale (DeepSpeed PR #8393)",
+                          "use \"bf16\": {\"enabled\": true}, or zero_optimization.stage >= 1")
     _choice("engine.fsdp.param_dtype", e.fsdp.param_dtype, DTYPES)
     _choice("engine.fsdp.reduce_dtype", e.fsdp.reduce_dtype, DTYPES)
     _positive("engine.fsdp.replicate", e.fsdp.replicate)

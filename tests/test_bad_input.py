@@ -157,6 +157,8 @@ CASES = [
     ("targets-match-nothing", {"galore": {"target_modules": ["embed"]}}, [], {}, "galore.target_modules"),
     ("unknown-proj-type", {"galore": {"proj_type": "middle"}}, [], {}, "galore.proj_type"),
     ("unknown-engine", {"engine": {"mode": "zero3"}}, [], {}, "engine.mode"),
+    ("fp16-at-zero-stage-0", {"engine": {"mode": "deepspeed", "deepspeed": {"fp16": {"enabled": True}}}}, [], {},
+     "engine.deepspeed.fp16"),
     ("keep-last-negative", {"checkpoint": {"keep_last": -1}}, [], {}, "checkpoint.keep_last"),
     # ---- launcher environment ----------------------------------------------------------------
     ("world-cannot-shard-batch", {}, [], WORLD3, "training.global_batch"),

@@ -180,6 +180,36 @@ def test_svd_failure_keeps_previous_projector_and_training_continues(tmp_path, c
     assert e.scheduler.last_epoch == 6
 
 
+# ------------------------------------------------------------------ durable checkpoints
+def test_checkpoint_reaches_the_disk_before_it_is_named_complete(tmp_path, cache_dir, monkeypatch):
+    """A power loss must not leave a renamed (complete-looking) directory with unwritten pages:
+    every file and directory is fsynced under its .tmp name before the rename, and the
+    checkpoint root (holding the renames and `latest`) after it."""
+    e = new_engine(make_cfg(tmp_path, cache_dir))
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    root = tmp_path / "durable"
+    final = checkpoint.save(root, 1, e, {"step": 1})
+    tmp = root / ".tmp-step-0000001"
+    rename = events.index(("replace", str(tmp), str(final)))
+    synced_before = {ev[1] for ev in events[:rename] if ev[0] == "fsync"}
+    contents = [tmp / p.relative_to(final) for p in final.rglob("*")]
+    assert contents and all(str(p) in synced_before for p in contents + [tmp]), (contents, synced_before)
+    assert ("fsync", str(root)) in events[rename:]
+    assert (root / "latest").read_text().strip() == final.name
+
+
 # ------------------------------------------------------------------ SIGKILL during saves
 TRIALS = 20
 
@@ -287,18 +317,26 @@ def test_sigkill_during_saves_never_tears_a_checkpoint_and_resume_is_exact(tmp_p
 WORKER = Path(__file__).resolve().parent / "dist" / "reliability_worker.py"
 
 
+# (engine.mode, engine.deepspeed): FSDP2, and DeepSpeed under torchrun (its own launcher has
+# no restarts). NaN at fp32 ZeRO-0 is the optimizer's own check; ZeRO-2 shards the state.
+ENGINES = {"fsdp": ("fsdp", {}), "deepspeed-zero0": ("deepspeed", {}),
+           "deepspeed-zero2": ("deepspeed", {"zero_optimization": {"stage": 2}})}
+
+
 def _torchrun(tmp_path: Path, name: str, cache_dir: str, kill_at: int, restarts: int,
-              nan_at: int = 0) -> tuple[Path, str, str]:
+              nan_at: int = 0, engine: str = "fsdp") -> tuple[Path, str, str]:
     import subprocess
     import sys
 
+    mode, ds = ENGINES[engine]
     recipe = tiny_recipe(tmp_path / name, cache_dir, name="dying-rank", training__steps=10,
                          training__micro_batch=2, training__eval_batches=0, galore__update_proj_gap=3,
-                         engine__mode="fsdp", checkpoint__every=3)
+                         engine__mode=mode, engine__deepspeed=ds, checkpoint__every=3)
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(recipe))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", KILL_AT=str(kill_at), KILL_RANK="1", NAN_AT=str(nan_at), NAN_RANK="1",
+               KILL_ENGINE=mode,
                PYTHONPATH=str(WORKER.parents[2]))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "--max-restarts", str(restarts), str(WORKER), "--config", str(cfg), "--resume"],
@@ -315,35 +353,64 @@ def _dcp_state(step_dir: Path) -> dict:
     return torch.load(out, weights_only=True)
 
 
-def test_dying_rank_restarts_from_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, cache_dir):
+def _final_state(step_dir: Path, engine: str) -> tuple[dict, int, list[float]]:
+    """(every tensor of the checkpoint, the lr scheduler's last_epoch, GaLore step counts)."""
+    if engine == "fsdp":
+        st = _dcp_state(step_dir)
+        epoch = torch.load(step_dir / "scheduler.pt", weights_only=True)["scheduler"]["last_epoch"]
+        return st, epoch, [float(v) for k, v in st["optim"].items() if k.endswith(".step")]
+    # DeepSpeed's files (its own pickles: config objects inside, so not weights_only)
+    st = {f.name: torch.load(f, weights_only=False) for f in sorted((step_dir / "galore_ds").glob("*.pt"))}
+    model = st["mp_rank_00_model_states.pt"]
+    opt = [v["optimizer_state_dict"] if "optimizer_state_dict" in v else v.get("optimizer") for v in st.values()]
+    steps = [float(s["step"]) for o in opt if o for s in _galore_states(o)]
+    return {k: {"module": v.get("module"), "optimizer": v.get("optimizer"),
+                "optimizer_state_dict": v.get("optimizer_state_dict")} for k, v in st.items()}, \
+        model["lr_scheduler"]["last_epoch"], steps
+
+
+def _galore_states(opt_sd) -> list[dict]:
+    """The per-matrix GaLore states inside a DeepSpeed optimizer checkpoint (any stage)."""
+    found = []
+    if isinstance(opt_sd, dict):
+        if "step" in opt_sd and ("exp_avg" in opt_sd or "proj" in opt_sd):
+            return [opt_sd]
+        for v in opt_sd.values():
+            found += _galore_states(v)
+    elif isinstance(opt_sd, (list, tuple)):
+        for v in opt_sd:
+            found += _galore_states(v)
+    return found
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero2"])
+def test_dying_rank_restarts_from_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, cache_dir, engine):
     # Rank 1 SIGKILLs itself at the start of step 5 (checkpoints at 3, 6, 9, 10); torchrun restarts
     # both ranks, which resume from step 3 and redo steps 4-5 with the same data.
     import re
 
-    killed, out, err = _torchrun(tmp_path, "killed", cache_dir, kill_at=5, restarts=1)
+    killed, out, err = _torchrun(tmp_path, "killed", cache_dir, kill_at=5, restarts=1, engine=engine)
     assert "exitcode: -9" in err, err[-3000:]                # rank 1 really died (SIGKILL)
     assert out.count("dying-rank: ") == 2                    # ...and the job started twice
     # first attempt saved step 3; the restart resumed from it (never re-saved 3) and went on
     assert re.findall(r"saved checkpoint \S*step-0*(\d+)", out) == ["3", "6", "9", "10"], out
-    ref, _, _ = _torchrun(tmp_path, "ref", cache_dir, kill_at=0, restarts=0)
-    a, b = _dcp_state(killed / "step-0000010"), _dcp_state(ref / "step-0000010")
-    assert set(a) == set(b) == {"model", "optim"}
+    ref, _, _ = _torchrun(tmp_path, "ref", cache_dir, kill_at=0, restarts=0, engine=engine)
+    (a, epoch, steps), (b, _, _) = _final_state(killed / "step-0000010", engine), _final_state(ref / "step-0000010", engine)
+    assert set(a) == set(b) and len(a) >= 2
     assert same(a, b), "the restarted run does not end with the uninterrupted run's weights/optimizer state"
-    sa = torch.load(killed / "step-0000010" / "scheduler.pt", weights_only=True)
-    assert sa["scheduler"]["last_epoch"] == 10
+    assert epoch == 10 and steps and set(steps) == {10.0}
 
 
-def test_nan_on_one_rank_skips_the_step_on_both_ranks(tmp_path, cache_dir):
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero0", "deepspeed-zero2"])
+def test_nan_on_one_rank_skips_the_step_on_both_ranks(tmp_path, cache_dir, engine):
     # Only rank 1's loss is NaN in step 4; the global (all-reduced) norm is NaN on both ranks, so
     # both skip: 10 batches, 9 optimizer steps everywhere, nothing poisoned, nothing hung.
-    ckpt, out, err = _torchrun(tmp_path, "nan", cache_dir, kill_at=0, restarts=0, nan_at=4)
+    ckpt, out, err = _torchrun(tmp_path, "nan", cache_dir, kill_at=0, restarts=0, nan_at=4, engine=engine)
     rows = [json.loads(x) for x in (tmp_path / "nan" / "run" / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in x]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 0] + [1] * 7
     assert rows[3]["grad_norm"] is None and all(r["grad_norm"] is not None for i, r in enumerate(rows) if i != 3)
-    st = _dcp_state(ckpt / "step-0000010")
-    assert torch.load(ckpt / "step-0000010" / "scheduler.pt", weights_only=True)["scheduler"]["last_epoch"] == 9
-    assert all(torch.isfinite(t).all() for t in flat(st["model"]))
-    steps = {float(v) for k, v in st["optim"].items() if k.endswith(".step")}
-    assert steps == {9.0}, steps  # every matrix on every rank: 9 optimizer steps
-    assert all(torch.isfinite(t).all() for t in flat(st["optim"]))
+    st, epoch, steps = _final_state(ckpt / "step-0000010", engine)
+    assert epoch == 9  # the lr schedule did not advance on the skipped step
+    assert all(torch.isfinite(t).all() for t in flat(st))
+    assert steps and set(steps) == {9.0}, steps  # every matrix on every rank: 9 optimizer steps

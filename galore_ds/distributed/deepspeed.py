@@ -29,6 +29,10 @@ Layout (what the optimizer sees, and what we rebuild)
 - bf16: ZeRO-0 (FP16_UnfusedOptimizer: per-tensor fp32 copies, real shapes), ZeRO-1 with
   fp32 grad accumulation (BF16_Optimizer: flat partitions like ZeRO-1), ZeRO-2/3 (fp32
   masters in the ZeRO wrappers). Overflow/non-finite steps never reach the optimizer.
+- Non-finite gradients: DeepSpeed's wrappers (ZeRO-1/2/3, bf16, fp16) skip the step on every
+  rank (one all_reduce of an overflow flag, DeepSpeed's own). fp32 ZeRO-0 has no wrapper:
+  the optimizer skips it, from the already all-reduced gradients, and sets `overflow` so
+  the engine counts it (`engine.skipped_steps`) and holds the lr schedule.
 
 A piece is a contiguous flattened range [s, e) of W (m x n): full rows plus at most one
 partial row at each end. GaLore uses RIGHT projection on every sharded matrix
@@ -361,11 +365,28 @@ class DeepSpeedGaLoreMixin:
             self.bind_deepspeed(eng, None if eng.optimizer is self else eng.optimizer)
         return False
 
+    def _zero0_grads_finite(self) -> bool:
+        """ZeRO-0 in fp32 is the one layout where DeepSpeed hands a NaN/Inf gradient to the
+        optimizer (its ZeRO and bf16/fp16 wrappers skip such steps themselves). The gradients
+        are already all-reduced, so this local check decides the same on every rank."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)  # NaN and Inf survive a norm
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
     @torch.no_grad()
     def step(self, closure=None):
         if self._ds_pending():
             return None
         if not self._ds_layouts:
+            # DeepSpeed's engine reads `overflow` as its wrappers': skip counted, lr held.
+            self.overflow = self._ds_stage is not None and not self._zero0_grads_finite()
+            if self.overflow:
+                stats = self.galore_stats
+                stats["nonfinite_steps_skipped"] = stats.get("nonfinite_steps_skipped", 0) + 1
+                self.zero_grad(set_to_none=True)
+                return None
             return super().step(closure)
         loss = None
         if closure is not None:

@@ -1,9 +1,9 @@
 """Checkpoints: <checkpoint.dir>/step-0000123/{engine files, trainer.pt, rng-rank*.pt}.
 
-Atomic: everything is written into .tmp-step-0000123 and renamed once all ranks are done, so
-a crash mid-save never leaves a directory that looks complete; `latest` is a one-line file
-replaced atomically. Loop state (step, data position, RNG) is stored here; model, optimizer
-and scheduler by the engine. All files load with torch.load(weights_only=True)."""
+Atomic: everything is written into .tmp-step-0000123, flushed to disk (fsync), and renamed
+once all ranks are done, so a crash (or a power loss) mid-save never leaves a directory that
+looks complete; `latest` is a one-line file replaced atomically. Loop state (step, data
+position, RNG) is stored here; model, optimizer and scheduler by the engine. All files load with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import os
@@ -50,18 +50,42 @@ def save(root: Path, step: int, engine: Engine, trainer_state: dict[str, Any], k
     if engine.is_main:
         torch.save(trainer_state, tmp / "trainer.pt")
     engine.barrier()
+    if engine.dist.local_rank == 0:  # one per node: node-local disks hold only their files
+        _fsync_tree(tmp)  # on disk before the rename declares them complete
+    engine.barrier()
     if engine.is_main:
         if final.exists():
             _discard(final)  # renamed away first: a kill never leaves a half-deleted step-*
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
+        with open(latest_tmp, "w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(latest_tmp, root / "latest")
+        _fsync_dir(root)  # the renames themselves
         if keep_last > 0:
             for old in sorted(root.glob("step-*"))[:-keep_last]:
                 _discard(old)
     engine.barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file (any rank's: on one node the page cache is shared) and directory."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
 
 
 def _discard(path: Path) -> None:

@@ -133,6 +133,15 @@ class Engine(ABC):
         """Rank 0's obj on every rank (single-process engines: obj itself)."""
         return obj
 
+    def close(self) -> None:
+        """Release the process group after a successful run. An interpreter exit that finds
+        gloo's worker threads alive can abort ("terminate called without an active
+        exception") and turn a finished run into a failed job."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def engine_class(mode: str) -> type[Engine]:
     """Resolve a registry name; EngineUnavailable if its module has not landed."""

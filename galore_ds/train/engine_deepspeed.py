@@ -95,13 +95,20 @@ class DeepSpeedEngine(Engine):
             raise ValueError(f"{len(micro_batches)} micro-batches; DeepSpeed was set up for "
                              f"{eng.gradient_accumulation_steps()}")
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else float("nan")
-        total = 0.0
-        for mb in micro_batches:
+        # fp32 ZeRO-0 has no DeepSpeed wrapper to report the norm: measure it at the boundary,
+        # where the gradients are already all-reduced (same on every rank) and not yet clipped
+        own_norm = eng.zero_optimization_stage() == 0 and not (eng.fp16_enabled() or eng.bfloat16_enabled())
+        total, norm = 0.0, None
+        for i, mb in enumerate(micro_batches):
             loss = eng(**self._to_device(mb)).loss
             eng.backward(loss)
+            if own_norm and i == len(micro_batches) - 1:
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in eng.module.parameters() if p.grad is not None])
             eng.step()
             total += float(loss.detach())
-        norm = eng.get_global_grad_norm()
+        if norm is None:
+            norm = eng.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         extra = {"skipped_steps": int(getattr(eng, "skipped_steps", 0))}
         return StepResult(loss=self._mean(total / len(micro_batches)), grad_norm=norm, lr=lr,

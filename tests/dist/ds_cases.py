@@ -32,6 +32,7 @@ import galore_ds  # noqa: E402,F401  (registers the JSON names)
 from galore_ds.distributed.common import count_collectives  # noqa: E402
 from galore_ds.distributed.deepspeed import DeepSpeedGaLoreMixin  # noqa: E402
 from galore_ds.optim.adamw import GaLoreAdamW  # noqa: E402
+from shutdown import exit_worker  # noqa: E402
 
 IN, OUT, MB = 16, 8, 2
 LR, WD, RANK, GAP = 1e-2, 0.01, 4, 2
@@ -103,7 +104,7 @@ def ref_optimizer(opt: str, params):
 
 
 def ds_config(stage: int, gas: int, world: int, opt: str = "GaLoreAdamW", clip: float = 0.0,
-              bf16: bool = False, sub_group_size: int = 0):
+              bf16: bool = False, sub_group_size: int = 0, fp16: bool = False):
     params = dict(OPT_PARAMS.get(opt, {}))
     if opt == "AdamW":
         params = {"lr": LR, "weight_decay": WD, "torch_adam": True}
@@ -118,6 +119,8 @@ def ds_config(stage: int, gas: int, world: int, opt: str = "GaLoreAdamW", clip: 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **({"bf16": {"enabled": True}} if bf16 else {}),
+        # dynamic loss scaling from 2**8 (a tiny model never overflows on its own)
+        **({"fp16": {"enabled": True, "initial_scale_power": 8}} if fp16 else {}),
         # ZeRO-1 + bf16 + fp32 grad accumulation is DeepSpeed's BF16_Optimizer (flat partitions)
         **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 and stage == 1 else {}),
     }
@@ -159,14 +162,77 @@ def ref_train_step(model, opt, step, gas, world, clip):
 
 
 def make_engine(stage, gas, world, opt="GaLoreAdamW", clip=0.0, kind="odd", bf16=False,
-                sub_group_size=0):
+                sub_group_size=0, fp16=False):
     torch.manual_seed(0)
     model = Tiny(kind)
     ref = copy.deepcopy(model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups(model),
                                            config=ds_config(stage, gas, world, opt, clip, bf16,
-                                                            sub_group_size))
+                                                            sub_group_size, fp16))
     return engine, ref
+
+
+def allow_cpu_fp16() -> None:
+    """DeepSpeed refuses fp16 on a CPU without mkldnn fp16 kernels; torch's CPU fp16
+    arithmetic is all a tiny model needs, and the loss-scaling code under test is the same."""
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def optimizer_state(engine) -> dict:
+    """Every tensor and number in the GaLore optimizer's state, copied."""
+    return {str(k): {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+            for k, v in engine.basic_optimizer.state.items()}
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].keys() == b[k].keys() and all(
+            torch.equal(x, b[k][kk]) if torch.is_tensor(x) else x == b[k][kk]
+            for kk, x in a[k].items()) for k in a)
+
+
+NONFINITE_STEP, NONFINITE_STEPS = 2, 5
+
+
+def run_nonfinite(stage, world, rank, precision, gas):
+    """Step NONFINITE_STEP gets +Inf in ONE gradient element, on the last rank only (a local
+    overflow). Every rank must skip the whole step: master weights, moments, projectors and
+    step counts unchanged, the skip counted by the engine; later steps then match the
+    single-process optimizer that never saw that step."""
+    engine, ref = make_engine(stage, gas, world, bf16=precision == "bf16", fp16=precision == "fp16")
+    poison = {"on": False}
+
+    def add_inf(g):
+        if not (poison["on"] and rank == world - 1):
+            return g
+        g = g.clone()
+        g.view(-1)[0] = float("inf")
+        return g
+
+    dict(engine.module.named_parameters())["w2.weight"].register_hook(add_inf)
+    ref_opt = ref_optimizer("GaLoreAdamW", groups(ref))
+    mixed = precision != "fp32"
+    errs, unchanged, skipped = [], None, None
+    for step in range(NONFINITE_STEPS):
+        before = (master_params(engine) if mixed else full_params(engine), optimizer_state(engine),
+                  engine.skipped_steps)
+        poison["on"] = step == NONFINITE_STEP
+        ds_train_step(engine, step, gas, world, rank)
+        poison["on"] = False
+        after = master_params(engine) if mixed else full_params(engine)
+        if step == NONFINITE_STEP:
+            unchanged = {"weights": all(torch.equal(before[0][n], after[n]) for n in after),
+                         "optimizer_state": states_equal(before[1], optimizer_state(engine))}
+            skipped = engine.skipped_steps - before[2]
+            continue
+        ref_train_step(ref, ref_opt, step, gas, world, 0.0)
+        errs.append(rel({n: t.float() for n, t in after.items()}, dict(ref.named_parameters())))
+    return {"stage": stage, "world": world, "precision": precision, "gas": gas,
+            "wrapper": type(engine.optimizer).__name__, "unchanged": unchanged,
+            "skipped": skipped, "max_rel": max(errs),
+            "galore_steps": sorted({int(st["step"]) for st in engine.basic_optimizer.state.values()
+                                    if "step" in st})}
 
 
 def split_row_flats(engine) -> int:
@@ -188,10 +254,10 @@ def master_params(engine):
 
 
 def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd", opt_name="GaLoreAdamW",
-             bf16=False, sub_group_size=0):
+             bf16=False, sub_group_size=0, fp16=False):
     t0 = time.time()
     engine, ref = make_engine(stage, gas, world, opt=opt_name, clip=clip, kind=kind, bf16=bf16,
-                              sub_group_size=sub_group_size)
+                              sub_group_size=sub_group_size, fp16=fp16)
     opt = engine.basic_optimizer
     assert isinstance(opt, DeepSpeedGaLoreMixin), type(opt)
     ref_opt = ref_optimizer(opt_name, groups(ref))
@@ -201,13 +267,13 @@ def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd", opt_name="GaL
             ds_train_step(engine, step, gas, world, rank)
         calls.append(cnt.total_calls())
         ref_train_step(ref, ref_opt, step, gas, world, clip)
-        mine = master_params(engine) if bf16 else full_params(engine)
+        mine = master_params(engine) if bf16 or fp16 else full_params(engine)
         mine = {n: t.float() for n, t in mine.items()}
         errs.append(rel(mine, dict(ref.named_parameters())))
     final = torch.cat([mine[n].reshape(-1) for n in sorted(mine)]).tolist()
     # baseline: DeepSpeed's own AdamW at the same stage, collectives per step
     base, _ = make_engine(stage, gas, world, opt="AdamW", clip=clip, kind=kind, bf16=bf16,
-                          sub_group_size=sub_group_size)
+                          sub_group_size=sub_group_size, fp16=fp16)
     base_calls = []
     for step in range(steps):
         with count_collectives() as cnt:
@@ -217,7 +283,8 @@ def run_case(stage, gas, world, rank, steps, clip=0.0, kind="odd", opt_name="GaL
     extra = [calls[s] - base_calls[s] for s in range(steps) if s not in refresh_steps]
     return {
         "stage": stage, "gas": gas, "world": world, "clip": clip, "steps": steps, "model": kind,
-        "optimizer": opt_name, "bf16": bf16, "sub_group_size": sub_group_size,
+        "optimizer": opt_name, "bf16": bf16, "fp16": fp16, "sub_group_size": sub_group_size,
+        "skipped_steps": engine.skipped_steps,
         "flats": len(getattr(opt, "_ds_layouts", None) or {}), "wrapper": type(engine.optimizer).__name__,
         "max_rel": max(errs), "rel_per_step": errs,
         "refreshes": opt.galore_stats["refreshes"], "refresh_steps": refresh_steps,
@@ -299,7 +366,10 @@ def main():
                     help="also GaLoreAdamW8bit and GaLoreAdafactor at ZeRO-0, gas 1")
     ap.add_argument("--subgroups", action="store_true", help="also ZeRO-3 with sub_group_size=200")
     ap.add_argument("--bf16", action="store_true", help="also bf16 at every stage, gas 1")
+    ap.add_argument("--fp16", action="store_true", help="also fp16 (loss scaling) at ZeRO 1-3, gas 1")
     ap.add_argument("--clip", type=float, default=0.0, help="one extra case per stage with clipping")
+    ap.add_argument("--nonfinite", action="store_true",
+                    help="an Inf gradient on one rank, fp32/bf16/fp16 at every stage: skipped whole")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     # mpirun: DeepSpeed's MPI discovery sets MASTER_PORT from distributed_port (default 29500)
@@ -322,6 +392,10 @@ def main():
     cases = [(stage, kw) for kw in extra for stage in [int(s) for s in args.stages.split(",")]]
     if args.bf16:
         cases += [(stage, dict(bf16=True)) for stage in [int(s) for s in args.stages.split(",")]]
+    if args.fp16:
+        allow_cpu_fp16()
+        # not ZeRO-0: DeepSpeed 0.19.8 never scales its loss there (PR #8393; the recipe refuses it)
+        cases += [(stage, dict(fp16=True)) for stage in [int(s) for s in args.stages.split(",")] if stage]
     if args.subgroups:  # ZeRO-3 with several sub-groups per param group (step() once per sub-group)
         cases += [(3, dict(sub_group_size=200))]
     if args.variants:
@@ -348,6 +422,17 @@ def main():
         dist.barrier()
         if rank == 0:
             shutil.rmtree(box[0], ignore_errors=True)
+    results["nonfinite"] = []
+    if args.nonfinite:
+        allow_cpu_fp16()
+        for precision in ("fp32", "bf16", "fp16"):
+            for stage in [int(s) for s in args.stages.split(",")]:
+                for gas in ((1, 4) if precision == "fp32" else (1,)):
+                    try:
+                        results["nonfinite"].append(run_nonfinite(stage, world, rank, precision, gas))
+                    except Exception:
+                        results["errors"].append({"nonfinite": [precision, stage, gas], "rank": rank,
+                                                  "trace": traceback.format_exc()})
     results["convert"] = []
     for k, (s_save, s_load) in enumerate(CONVERT):
         try:
@@ -365,7 +450,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"world": world, "per_rank": gathered}, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()  # no live gloo threads at exit (mpirun reports their abort)
+    exit_worker()
 
 
 if __name__ == "__main__":

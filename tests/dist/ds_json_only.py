@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ds_cases as C  # noqa: E402
+from shutdown import exit_worker  # noqa: E402
 from galore_ds.distributed.deepspeed import DeepSpeedGaLoreAdamW  # noqa: E402
 
 GALORE = dict(rank=4, update_proj_gap=2, proj_type="right")
@@ -64,7 +65,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(out, f)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

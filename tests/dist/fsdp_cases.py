@@ -26,6 +26,7 @@ from galore_ds.distributed.common import COMM, chunk_rows, count_collectives  # 
 from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit  # noqa: E402
 from galore_ds.optim.adamw import GaLoreAdamW  # noqa: E402
 from galore_ds.optim.base import side_of  # noqa: E402
+from shutdown import exit_worker  # noqa: E402
 
 TOL = 1e-5
 IN, OUT = 7, 3
@@ -395,10 +396,7 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world": world, "ranks": gathered}, f, indent=1, default=str)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # bitsandbytes' threads abort a normal interpreter exit ("terminate called")
+    exit_worker()
 
 
 if __name__ == "__main__":
