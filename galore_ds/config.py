@@ -159,9 +159,11 @@ class Config:
     def resolved_mode(self, dist: "DistEnv") -> str:
         if self.engine.mode != "auto":
             return self.engine.mode
-        # One rank: the single-process engine (switch to "layerwise" here once it lands as the
-        # 24 GB default); several ranks: the configured multi-rank engine.
-        return "single" if dist.world_size == 1 else self.engine.multi_rank
+        # One rank: the 24 GB mode (per-layer updates inside backward; the full-rank AdamW
+        # baseline has no per-layer mode). Several ranks: the configured multi-rank engine.
+        if dist.world_size > 1:
+            return self.engine.multi_rank
+        return "single" if self.training.optimizer == "adamw" else "layerwise"
 
     @property
     def checkpoint_dir(self) -> Path:

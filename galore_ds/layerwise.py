@@ -130,6 +130,8 @@ class LayerwiseOptimizer:
         self.grad_norm: float | None = None
         self.full_grad_norm: float | None = None
         self.clip_coef: float = 1.0
+        self.skipped_steps = 0             # deferred mode: whole steps dropped (NaN/Inf norm)
+        self.nonfinite_params_skipped = 0  # immediate mode: single updates dropped
 
         self._meta: dict[torch.Tensor, _Meta] = {}
         self._params: list[torch.Tensor] = []
@@ -147,6 +149,9 @@ class LayerwiseOptimizer:
         self._ready: dict[torch.Tensor, torch.Tensor | None] = {}  # deferred: to update at step()
         self._sq_low: torch.Tensor | None = None
         self._sq_full: torch.Tensor | None = None
+        # optimizer state of matrices refreshed in this window, as it was before: a skipped
+        # step puts it back (projectors and moments unchanged, as if the step never ran)
+        self._undo: dict[torch.Tensor, dict[str, Any]] = {}
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook)
             for p in self._params if p.requires_grad
@@ -165,13 +170,14 @@ class LayerwiseOptimizer:
             for p in self._params:
                 if p not in self._ready and (p in self._acc or p.grad is not None):
                     self._finish(p, defer=True)
-            sq_low = self._sq_low
-            self.grad_norm = math.sqrt(float(sq_low)) if sq_low is not None else 0.0
-            if self.accumulation_steps == 1:
-                sq_full = self._sq_full
-                self.full_grad_norm = math.sqrt(float(sq_full)) if sq_full is not None else 0.0
-            else:
-                self.full_grad_norm = None
+            sq_low, sq_full = self._global_sq(self._sq_low, self._sq_full)
+            self._sq_low = self._sq_full = None
+            self.grad_norm = math.sqrt(sq_low)
+            self.full_grad_norm = math.sqrt(sq_full) if self.accumulation_steps == 1 else None
+            if self.deferred and not (math.isfinite(self.grad_norm)
+                                      and math.isfinite(self.full_grad_norm or 0.0)):
+                self._skip_window()
+                return True
             self.clip_coef = 1.0
             if self.max_grad_norm is not None:
                 norm = self.full_grad_norm if self.clip_norm == "full" else self.grad_norm
@@ -179,7 +185,7 @@ class LayerwiseOptimizer:
             for p, lowrank in self._ready.items():
                 self._apply(p, lowrank, self.clip_coef)
             self._ready = {}
-            self._sq_low = self._sq_full = None
+            self._undo = {}
         self.global_step += 1
         if self.lr_scheduler is not None:
             # The optimizer's step() is never called (updates ran per parameter); tell the
@@ -188,10 +194,34 @@ class LayerwiseOptimizer:
             self.lr_scheduler.step()
         return True
 
+    def _skip_window(self) -> None:
+        """A NaN/Inf gradient norm: drop the whole step. Weights, moments, projectors, step
+        counts and the lr schedule stay as they were (refreshes of this window undone)."""
+        for p, saved in self._undo.items():
+            state = self.optimizer.state[p]
+            state.clear()
+            state.update(saved)
+        for p in self._ready:
+            p.grad = None
+        self._ready, self._undo = {}, {}
+        self.skipped_steps += 1
+
+    def _global_sq(self, sq_low: torch.Tensor | None, sq_full: torch.Tensor | None) -> tuple[float, float]:
+        """Squared norms of the window's gradient (low-rank view, full view) over all of it.
+        One process holds all of it; sharded subclasses sum them across ranks."""
+        return (float(sq_low) if sq_low is not None else 0.0,
+                float(sq_full) if sq_full is not None else 0.0)
+
+    def _refresh(self, job: RefreshJob) -> None:
+        """Compute and install one matrix's new projector (the optimizer's own refresh: local
+        here, owner-based in sharded optimizers)."""
+        self.optimizer._refresh([job])
+
     def zero_grad(self) -> None:
         """Drop a partial window (accumulators and partial gradients)."""
         self._acc.clear()
         self._ready = {}
+        self._undo = {}
         self._sq_low = self._sq_full = None
         self.micro_step = 0
         for p in self._params:
@@ -211,6 +241,7 @@ class LayerwiseOptimizer:
         lw: dict[str, Any] = {
             "micro_step": self.micro_step,
             "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
             "accumulation_steps": self.accumulation_steps,
             "acc": {self._meta[p].index: t for p, t in self._acc.items()},
             "grads": {self._meta[p].index: p.grad for p in self._params if p.grad is not None},
@@ -231,6 +262,7 @@ class LayerwiseOptimizer:
         by_index = {self._meta[p].index: p for p in self._params}
         self.micro_step = int(lw["micro_step"])
         self.global_step = int(lw["global_step"])
+        self.skipped_steps = int(lw.get("skipped_steps", 0))
         self._acc = {by_index[int(i)]: t.to(by_index[int(i)].device, self.accum_dtype).clone()
                      for i, t in lw["acc"].items()}
         for p in self._params:
@@ -292,17 +324,21 @@ class LayerwiseOptimizer:
             self._add_sq("_sq_low", grad)
             if defer:
                 self._ready[p] = None          # p.grad is consumed at step()
-            else:
+            elif self._finite_or_restore(p, grad):
                 self._apply(p, None, 1.0)
             return
         low = acc
         if grad is not None:
             item = ParamItem(param, grad, state, self._group(meta), True)
             if self._refreshing(p):
+                group = self._group(meta)
+                reset = group["moments"] == "reset"  # the only policy that edits in place
+                self._undo[p] = {k: v.clone() if reset and torch.is_tensor(v) else v
+                                 for k, v in state.items()}
                 shape = opt._global_shape(p)
-                job = RefreshJob(item, pj.choose_side(shape, self._group(meta)["proj_type"]),
+                job = RefreshJob(item, pj.choose_side(shape, group["proj_type"]),
                                  shape, meta.index, state["step"])
-                opt._set_projector(job, opt._compute_basis(job, grad))
+                self._refresh(job)
             low_g = opt._low_rank_grad(item)
             if low is None:
                 low = low_g.to(self.accum_dtype)
@@ -313,8 +349,24 @@ class LayerwiseOptimizer:
         self._add_sq("_sq_low", low)
         if defer:
             self._ready[p] = low
-        else:
+        elif self._finite_or_restore(p, low):
             self._apply(p, low, 1.0)
+
+    def _finite_or_restore(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Immediate mode cannot drop the whole step (other layers are already updated), but
+        it never writes NaN/Inf into a weight: this parameter's update (and refresh) is
+        dropped and counted."""
+        if bool(torch.isfinite(grad).all()):
+            self._undo.pop(p, None)
+            return True
+        saved = self._undo.pop(p, None)
+        if saved is not None:
+            state = self.optimizer.state[p]
+            state.clear()
+            state.update(saved)
+        p.grad = None
+        self.nonfinite_params_skipped += 1
+        return False
 
     def _apply(self, p: torch.Tensor, low: torch.Tensor | None, coef: float) -> None:
         opt, meta = self.optimizer, self._meta[p]

@@ -135,10 +135,13 @@ def test_dist_env_reads_every_launcher():
     assert dist_env({"PMI_RANK": "1", "PMI_SIZE": "2"}).rank == 1
 
 
-def test_auto_mode_picks_single_for_one_rank_and_the_configured_engine_for_several():
+def test_auto_mode_picks_per_layer_for_one_rank_and_the_configured_engine_for_several():
     c = check(small(engine={"multi_rank": "fsdp"}))
-    assert c.resolved_mode(DistEnv()) == "single"
+    assert c.resolved_mode(DistEnv()) == "layerwise"  # the 24 GB mode
     assert c.resolved_mode(DistEnv(0, 2, 0)) == "fsdp"
+    baseline = check(small(training={**small()["training"], "optimizer": "adamw"},
+                           galore={**small().get("galore", {}), "enabled": False}))
+    assert baseline.resolved_mode(DistEnv()) == "single"  # full-rank AdamW: no per-layer mode
 
 
 # ---- the launcher: exit 2, one line, nothing written --------------------------------------------

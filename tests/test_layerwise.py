@@ -304,3 +304,36 @@ def test_activation_checkpointing_and_tied_embeddings():
     reference_steps(ref, ref_opt, 3, 2)
     layerwise_steps(model, lw, 3, 2)
     assert max_abs_diff(ref, model) < 1e-5
+
+
+def _poison(model, name):
+    p = dict(model.named_parameters())[name]
+    return p, p.register_hook(lambda g: g.clone().index_fill_(0, torch.tensor([0]), math.nan))
+
+
+@pytest.mark.parametrize("gap_step", [False, True], ids=["steady", "refresh-step"])
+def test_nan_in_immediate_mode_drops_only_that_update(gap_step):
+    """No clipping, one micro-batch: updates run inside the hooks, so a NaN gradient cannot
+    drop the whole step; it drops that parameter's update (and refresh), never writes NaN
+    into a weight, and every other parameter steps as usual."""
+    model, opt = make(gap=2)
+    lw = LayerwiseOptimizer(opt)
+    assert not lw.deferred
+    steps = 2 if gap_step else 1  # step 2 refreshes (gap 2): its new projector is put back
+    layerwise_steps(model, lw, steps, 1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = {n: t.detach().clone() for n, t in model.named_parameters()}
+    target, h = _poison(model, name)
+    state_before = copy.deepcopy(opt.state[target])
+    loss_of(model, big_batch(steps, 1)).backward()
+    assert lw.step()
+    h.remove()
+    after = dict(model.named_parameters())
+    assert torch.equal(after[name], before[name])
+    st = opt.state[target]
+    assert st.keys() == state_before.keys() and all(
+        torch.equal(st[k], state_before[k]) if torch.is_tensor(st[k]) else st[k] == state_before[k] for k in st)
+    changed = [n for n in before if n != name and not torch.equal(after[n], before[n])]
+    assert len(changed) == len(before) - 1
+    assert lw.nonfinite_params_skipped == 1 and lw.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

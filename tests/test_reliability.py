@@ -29,6 +29,7 @@ from galore_ds.config import DistEnv, from_dict, validate
 from galore_ds.data import StepLoader, build_datasets
 from galore_ds.model import build_model
 from galore_ds.train import checkpoint, faults
+from galore_ds.train.engine_layerwise import LayerwiseEngine
 from galore_ds.train.engine_single import SingleEngine
 from galore_ds.train.trainer import train
 from recipes import flat, tiny_cfg, tiny_recipe
@@ -53,8 +54,8 @@ def engine_state(e: SingleEngine) -> dict:
                           "scheduler": e.scheduler.state_dict()})
 
 
-def new_engine(cfg) -> SingleEngine:
-    e = SingleEngine(cfg, DistEnv())
+def new_engine(cfg, cls=SingleEngine) -> SingleEngine:
+    e = cls(cfg, DistEnv())
     e.setup(build_model(cfg.model, seed=cfg.training.seed))
     return e
 
@@ -82,27 +83,32 @@ class poison:
 
 # ------------------------------------------------------------------------------ NaN / Inf
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_nonfinite_gradient_skips_the_whole_step(tmp_path, cache_dir, value):
+@pytest.mark.parametrize("engine_cls,at", [(SingleEngine, 3), (LayerwiseEngine, 3), (LayerwiseEngine, 2)],
+                         ids=["single", "layerwise", "layerwise-refresh-step"])
+def test_nonfinite_gradient_skips_the_whole_step(tmp_path, cache_dir, value, engine_cls, at):
+    # The per-layer engine (the one-rank default) defers its updates to the end of backward
+    # (clipping and 2 micro-batches here), so it can drop the step whole; at a refresh step
+    # (gap 2: steps 0, 2, 4) it also puts the projectors it already replaced back.
     cfg = make_cfg(tmp_path, cache_dir)
-    steps = batches(cfg, 5)
-    a, b = new_engine(cfg), new_engine(cfg)
-    for mbs in steps[:3]:  # step 2 refreshed the projectors (gap 2): moments + projectors exist
+    steps = batches(cfg, at + 2)
+    a, b = new_engine(cfg, engine_cls), new_engine(cfg, engine_cls)
+    for mbs in steps[:at]:
         a.train_step(mbs)
         b.train_step(mbs)
     before = engine_state(a)
     assert any("proj" in s for s in before["optimizer"]["state"].values())
     with poison(a, value):
-        out = a.train_step(steps[3])
+        out = a.train_step(steps[at])
     assert not math.isfinite(out.grad_norm)
     assert out.extra["skipped_steps"] == 1 and a.galore_stats()["skipped_steps"] == 1
     after = engine_state(a)
     assert same(before["model"], after["model"]), "weights changed on a skipped step"
     assert same(before["optimizer"], after["optimizer"]), "moments/projectors/step changed on a skipped step"
-    assert before["scheduler"]["last_epoch"] == after["scheduler"]["last_epoch"] == 3
+    assert before["scheduler"]["last_epoch"] == after["scheduler"]["last_epoch"] == at
     assert all(p.grad is None for p in a.model.parameters()), "poisoned gradients left behind"
     # The skipped step is exactly "this batch never happened": the next step matches b's.
-    a.train_step(steps[4])
-    b.train_step(steps[4])
+    a.train_step(steps[at + 1])
+    b.train_step(steps[at + 1])
     assert same(engine_state(a), engine_state(b))
     assert all(torch.isfinite(p).all() for p in a.model.parameters())
 

@@ -33,18 +33,20 @@ def cache_dir(tmp_path_factory):
 
 
 def make_cfg(tmp_path, cache_dir, **over):
-    return tiny_cfg(tmp_path, cache_dir, **over)
+    # the single engine unless a test says otherwise (one rank's auto default, the per-layer
+    # engine, has its own tests in test_layerwise_engine.py and the resume test below)
+    return tiny_cfg(tmp_path, cache_dir, **{"engine__mode": "single", **over})
 
 
-class StopAfter(SingleEngine):
-    """Presses Ctrl-C (SIGINT to this process) during optimizer step `stop_at`."""
-    stop_at = 3
-
-    def train_step(self, micro_batches):
-        out = super().train_step(micro_batches)
-        if self.scheduler.last_epoch == self.stop_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
+def stop_after(base: type = SingleEngine, at: int = 3) -> type:
+    """`base` that presses Ctrl-C (SIGINT to this process) during optimizer step `at`."""
+    class StopAfter(base):
+        def train_step(self, micro_batches):
+            out = super().train_step(micro_batches)
+            if self.scheduler.last_epoch == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+    return StopAfter
 
 
 def weights(path: Path) -> dict:
@@ -62,16 +64,19 @@ def test_loss_falls_on_tiny_data(tmp_path, cache_dir):
     assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in rows if "loss" in r)
 
 
+@pytest.mark.parametrize("mode", ["single", "layerwise"])
 @pytest.mark.parametrize("optimizer", ["galore_adamw", "galore_adamw8bit"])
-def test_resume_continues_bit_identically(tmp_path, cache_dir, optimizer):
+def test_resume_continues_bit_identically(tmp_path, cache_dir, optimizer, mode):
     # 6 straight steps vs 3 + save + fresh process state + 3: same weights and optimizer state,
     # with refreshes (update_proj_gap=2) on both sides of the resume point.
-    a = make_cfg(tmp_path / "a", cache_dir, training__optimizer=optimizer)
+    a = make_cfg(tmp_path / "a", cache_dir, training__optimizer=optimizer, engine__mode=mode)
     train(a, DistEnv())
-    b = make_cfg(tmp_path / "b", cache_dir, training__optimizer=optimizer)
-    assert train(b, DistEnv(), StopAfter(b, DistEnv()))["step"] == 3  # same recipe, stopped at 3
+    b = make_cfg(tmp_path / "b", cache_dir, training__optimizer=optimizer, engine__mode=mode)
+    stopping = stop_after(engine_class(mode))(b, DistEnv())
+    assert train(b, DistEnv(), stopping)["step"] == 3  # same recipe, stopped at 3
     torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
-    b = make_cfg(tmp_path / "b", cache_dir, training__optimizer=optimizer, checkpoint__resume="latest")
+    b = make_cfg(tmp_path / "b", cache_dir, training__optimizer=optimizer, checkpoint__resume="latest",
+                 engine__mode=mode)
     out = train(b, DistEnv())
     assert out["step"] == 6
     wa = weights(tmp_path / "a" / "ckpt" / "step-0000006")
@@ -79,7 +84,8 @@ def test_resume_continues_bit_identically(tmp_path, cache_dir, optimizer):
     ta, tb = list(flat(wa)), list(flat(wb))
     assert len(ta) == len(tb) > 0
     assert all(torch.equal(x, y) for x, y in zip(ta, tb))
-    assert wb["scheduler"]["last_epoch"] == 6
+    sched = wb["scheduler"] if mode == "single" else wb["layerwise"]["lr_scheduler"]
+    assert sched["last_epoch"] == 6
     ma = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     mb = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]  # resumed run appended its steps 4..6
@@ -149,9 +155,7 @@ def test_checkpoint_is_atomic_loadable_and_pruned(tmp_path, cache_dir):
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, cache_dir):
     cfg = make_cfg(tmp_path, cache_dir, training__steps=50, checkpoint__save_final=False)
-    engine = StopAfter(cfg, DistEnv())
-    engine.stop_at = 2
-    out = train(cfg, DistEnv(), engine)
+    out = train(cfg, DistEnv(), stop_after(at=2)(cfg, DistEnv()))
     assert out["interrupted"] and out["step"] == 2
     assert checkpoint.resolve(tmp_path / "ckpt", "latest").name == "step-0000002"
 

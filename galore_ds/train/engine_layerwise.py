@@ -45,6 +45,9 @@ class LayerwiseEngine(SingleEngine):
                               "use galore_adamw, galore_adamw8bit or galore_adafactor (galore.enabled=false "
                               "gives their full-rank rule)")
         self.accumulation = max(1, self.cfg.accumulation(self.world_size))
+        # Clipping (or accumulation) defers the updates to the end of backward, which is also
+        # what lets a NaN/Inf step be dropped whole; without either, updates run inside the
+        # hooks (least memory) and only the affected parameters' updates are dropped.
         clip = t.grad_clip if t.grad_clip > 0 else None
         self.layerwise = LayerwiseOptimizer(
             self.optimizer, accumulation_steps=self.accumulation, max_grad_norm=clip,
@@ -65,7 +68,10 @@ class LayerwiseEngine(SingleEngine):
         assert done, "the per-layer window did not close at the end of the step"
         lw = self.layerwise
         norm = lw.full_grad_norm if lw.full_grad_norm is not None else lw.grad_norm
-        extra = {"grad_norm_lowrank": lw.grad_norm, "clip_coef": lw.clip_coef}
+        self.skipped_steps = lw.skipped_steps  # NaN/Inf: LayerwiseOptimizer dropped the step
+        extra = {"grad_norm_lowrank": lw.grad_norm, "clip_coef": lw.clip_coef,
+                 "skipped_steps": lw.skipped_steps,
+                 "nonfinite_params_skipped": lw.nonfinite_params_skipped}
         if lw.full_grad_norm is not None:
             extra["grad_norm_full"] = lw.full_grad_norm
         return StepResult(loss=total / n, grad_norm=norm if norm is not None else math.nan, lr=lr,
@@ -79,6 +85,7 @@ class LayerwiseEngine(SingleEngine):
         sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
         self._model.load_state_dict(sd["model"])
         self.layerwise.load_state_dict(sd["layerwise"])
+        self.skipped_steps = self.layerwise.skipped_steps
 
 
 __all__ = ["LayerwiseEngine"]
