@@ -82,6 +82,7 @@ class TrainingConfig:
     global_batch: int = 512           # sequences per optimizer step, all ranks together
     micro_batch: int = 32             # sequences per forward/backward per rank
     grad_clip: float = 0.0            # max global grad norm; 0 = off
+    clip_timing: str = "exact"        # per-layer engine: exact | delayed (previous step's norm)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -419,6 +420,7 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
                           f"{t.global_batch} is not divisible by micro_batch*world_size = {t.micro_batch}*{dist.world_size}",
                           f"use a multiple of {per_step}, or change training.micro_batch")
     _positive("training.grad_clip", t.grad_clip, allow_zero=True)
+    _choice("training.clip_timing", t.clip_timing, ("exact", "delayed"))
     _positive("training.weight_decay", t.weight_decay, allow_zero=True)
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:

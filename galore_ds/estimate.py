@@ -9,13 +9,14 @@ max(m, n) * r, its projector r * min(m, n)):
   weights      P * bytes(dtype); no fp32 master copy (the optimizers update bf16 weights directly).
   gradients    stored mode: P * bytes(dtype). Per-layer mode: only the gradient of the parameter
                being updated is alive (the largest one: lm_head / embedding), plus, with
-               accumulation or clipping, the fp32 low-rank accumulators and the full gradients of
-               the non-GaLore parameters (they accumulate as usual).
+               accumulation or exact clipping, the fp32 low-rank accumulators and the full
+               gradients of the non-GaLore parameters (they accumulate as usual). Delayed
+               clipping (training.clip_timing) costs nothing: count it as no clipping.
   optimizer    adamw: torch.optim.AdamW, 2 moments in the parameter dtype.
                adam8bit: 2 x 1 byte + fp32 absmax per 256-block (tensors >= 4096 entries).
-               galore: GaLore matrices 2 fp32 moments of the low-rank entries + fp32 projector;
-               other parameters AdamW in their dtype.  galore8bit: the same in 8-bit (projector
-               still fp32).
+               galore: GaLore matrices 2 fp32 moments of the low-rank entries + projector (in
+               the weight's dtype when it is 16-bit, else fp32); other parameters AdamW in their
+               dtype.  galore8bit: the same in 8-bit (projector as for galore).
   activations  per layer and token: (10 h + 4 f) values saved for backward (norm inputs and
                outputs, q/k/v, rotated q/k, attention output, gate/up/silu/product), in the
                activation dtype; attention probabilities are not stored (SDPA); plus the loss
@@ -139,6 +140,7 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     if layerwise and not optimizer.startswith("galore"):
         raise ValueError("the per-layer mode runs the GaLore optimizers")
     wb = DTYPE_BYTES[s.dtype]
+    pb = min(wb, 4)  # projectors: 16-bit weights keep them in their dtype (projector.storage_dtype)
     ab = DTYPE_BYTES[activation_dtype or s.dtype]
     galore_m, other = s.matrices()
     if optimizer in ("adamw", "adam8bit"):   # every parameter full-rank
@@ -165,10 +167,10 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         proj = 0.0
     elif optimizer == "galore":
         moments = 2.0 * 4 * sum(lowrank) + 2.0 * wb * sum(other)
-        proj = 4.0 * sum(projs)
+        proj = pb * sum(projs)
     else:  # galore8bit
         moments = sum(_adam8bit_bytes(n) for n in lowrank) + sum(_adam8bit_bytes(n) for n in other)
-        proj = 4.0 * sum(projs)
+        proj = pb * sum(projs)
     parts["optimizer_states"] = moments / shard_states
     parts["projectors"] = proj
 
@@ -248,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES))
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (per-layer accumulators)")
-    p.add_argument("--clip", action="store_true", help="gradient clipping on (per-layer mode keeps low-rank grads)")
+    p.add_argument("--clip", action="store_true",
+                   help="exact gradient clipping (per-layer mode keeps low-rank grads); delayed clipping costs nothing")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: bitsandbytes' unfused 8-bit kernel")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -39,7 +39,8 @@ full gradient of every other parameter, accumulated over the window, before clip
 `full_grad_norm` is the norm of the full gradients (what `torch.nn.utils.clip_grad_norm_`
 would see); it is exact when accumulation_steps == 1 and None otherwise (the full
 accumulated gradient of a non-refreshing matrix is never formed).
-With `max_grad_norm` set, every parameter's update is deferred to `lw.step()` (two-pass):
+With `max_grad_norm` set (clip_timing="exact", the default), every parameter's update is
+deferred to `lw.step()` (two-pass):
 backward stores R (GaLore) or the full gradient (others), then the coefficient
 min(1, max_norm / (norm + 1e-6)) (torch's formula) multiplies R and the full gradients and
 the updates run. Clipping R by c equals clipping G by c (projection is linear; the refresh
@@ -48,6 +49,19 @@ basis is scale-invariant). `clip_norm="lowrank"` (default) clips by `grad_norm`;
 `clip_grad_norm_(model.parameters(), max_norm)` followed by the ordinary optimizer step.
 Without clipping and with k == 1, each parameter is updated inside its hook (the minimal
 memory mode); with k > 1 the low-rank accumulators exist anyway, so deferring costs nothing.
+Exact clipping at k == 1 therefore holds every R until the end of backward: 6.8 GiB of fp32
+for a 7B model at rank 1024, which breaks the 24 GB budget. clip_timing="delayed" keeps the
+minimal memory mode and clips step t's update by the coefficient computed from step t-1's
+norm (the same formula; step 0 is unclipped, with warmup its lr is the smallest of the run).
+The norm of step t is still exact and logged; only its use moves one step later.
+
+NaN/Inf gradients
+-----------------
+Deferred mode (exact clipping, or k > 1): a non-finite norm drops the whole step: no update,
+the refreshes done in this window are undone, no scheduler step, `skipped_steps` += 1.
+Immediate mode (no clipping or delayed clipping, k == 1): other layers may already be
+updated when a bad gradient arrives, so that parameter's update (and refresh) alone is
+dropped and counted in `nonfinite_params_skipped`; no weight ever receives NaN/Inf.
 
 Scheduler and checkpoints
 -------------------------
@@ -70,6 +84,7 @@ from galore_ds import projector as pj
 from galore_ds.optim.base import GaLoreOptimizer, ParamItem, RefreshJob
 
 CLIP_NORMS = ("lowrank", "full")
+CLIP_TIMINGS = ("exact", "delayed")
 
 
 @dataclass
@@ -91,6 +106,8 @@ class LayerwiseOptimizer:
             micro-batch loss by 1/k (as without per-layer mode).
         max_grad_norm: clip threshold (None: no clipping).
         clip_norm: "lowrank" (norm of the consumed gradient) | "full" (k == 1 only).
+        clip_timing: "exact" (this step's norm: updates wait for the end of backward) |
+            "delayed" (k == 1: the previous step's norm, updates inside the hooks).
         lr_scheduler: stepped once per optimizer step.
         accum_dtype: dtype of the low-rank accumulators (fp32 default: exact).
     """
@@ -101,6 +118,7 @@ class LayerwiseOptimizer:
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
         clip_norm: str = "lowrank",
+        clip_timing: str = "exact",
         lr_scheduler: Any = None,
         accum_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -117,13 +135,19 @@ class LayerwiseOptimizer:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0 or None")
+        if clip_timing not in CLIP_TIMINGS:
+            raise ValueError(f"clip_timing={clip_timing!r}: expected one of {CLIP_TIMINGS}")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.clip_norm = clip_norm
         self.lr_scheduler = lr_scheduler
         self.accum_dtype = accum_dtype
-        self.deferred = max_grad_norm is not None or accumulation_steps > 1
+        self.clip_timing = clip_timing
+        # Exact clipping needs the step's norm before any update, so updates wait for step();
+        # accumulation keeps low-rank accumulators anyway. Otherwise updates run in the hooks.
+        self.deferred = (max_grad_norm is not None and clip_timing == "exact") or accumulation_steps > 1
+        self._next_coef = 1.0  # delayed clipping: the coefficient from the previous step's norm
 
         self.micro_step = 0      # micro-batches done in the current window
         self.global_step = 0     # optimizer steps done
@@ -174,14 +198,19 @@ class LayerwiseOptimizer:
             self._sq_low = self._sq_full = None
             self.grad_norm = math.sqrt(sq_low)
             self.full_grad_norm = math.sqrt(sq_full) if self.accumulation_steps == 1 else None
-            if self.deferred and not (math.isfinite(self.grad_norm)
-                                      and math.isfinite(self.full_grad_norm or 0.0)):
+            finite = math.isfinite(self.grad_norm) and math.isfinite(self.full_grad_norm or 0.0)
+            if self.deferred and not finite:
                 self._skip_window()
                 return True
-            self.clip_coef = 1.0
-            if self.max_grad_norm is not None:
-                norm = self.full_grad_norm if self.clip_norm == "full" else self.grad_norm
+            norm = self.full_grad_norm if self.clip_norm == "full" else self.grad_norm
+            if not self.deferred:  # updates already ran, with the previous step's coefficient
+                self.clip_coef = self._immediate_coef()
+                if self.max_grad_norm is not None and finite:
+                    self._next_coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            elif self.max_grad_norm is not None:
                 self.clip_coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            else:
+                self.clip_coef = 1.0
             for p, lowrank in self._ready.items():
                 self._apply(p, lowrank, self.clip_coef)
             self._ready = {}
@@ -193,6 +222,10 @@ class LayerwiseOptimizer:
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
             self.lr_scheduler.step()
         return True
+
+    def _immediate_coef(self) -> float:
+        """Clip coefficient of an update that runs inside its hook (delayed clipping)."""
+        return self._next_coef if self.max_grad_norm is not None else 1.0
 
     def _skip_window(self) -> None:
         """A NaN/Inf gradient norm: drop the whole step. Weights, moments, projectors, step
@@ -242,6 +275,7 @@ class LayerwiseOptimizer:
             "micro_step": self.micro_step,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "next_clip_coef": self._next_coef,
             "accumulation_steps": self.accumulation_steps,
             "acc": {self._meta[p].index: t for p, t in self._acc.items()},
             "grads": {self._meta[p].index: p.grad for p in self._params if p.grad is not None},
@@ -263,6 +297,7 @@ class LayerwiseOptimizer:
         self.micro_step = int(lw["micro_step"])
         self.global_step = int(lw["global_step"])
         self.skipped_steps = int(lw.get("skipped_steps", 0))
+        self._next_coef = float(lw.get("next_clip_coef", 1.0))
         self._acc = {by_index[int(i)]: t.to(by_index[int(i)].device, self.accum_dtype).clone()
                      for i, t in lw["acc"].items()}
         for p in self._params:
@@ -325,7 +360,7 @@ class LayerwiseOptimizer:
             if defer:
                 self._ready[p] = None          # p.grad is consumed at step()
             elif self._finite_or_restore(p, grad):
-                self._apply(p, None, 1.0)
+                self._apply(p, None, self._immediate_coef())
             return
         low = acc
         if grad is not None:
@@ -350,7 +385,7 @@ class LayerwiseOptimizer:
         if defer:
             self._ready[p] = low
         elif self._finite_or_restore(p, low):
-            self._apply(p, low, 1.0)
+            self._apply(p, low, self._immediate_coef())
 
     def _finite_or_restore(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
         """Immediate mode cannot drop the whole step (other layers are already updated), but

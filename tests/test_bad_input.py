@@ -150,6 +150,7 @@ CASES = [
     ("zero-steps", {"training": {"steps": 0}}, [], {}, "training.steps"),
     ("warmup-longer-than-run", {"training": {"warmup_steps": 10}}, [], {}, "training.warmup_steps"),
     ("beta-one", {"training": {"beta2": 1.0}}, [], {}, "training.beta2"),
+    ("unknown-clip-timing", {"training": {"clip_timing": "later"}}, [], {}, "training.clip_timing"),
     ("unknown-optimizer", {"training": {"optimizer": "sgd"}}, [], {}, "training.optimizer"),
     ("adamw-with-galore", {"training": {"optimizer": "adamw"}}, [], {}, "galore.enabled"),
     ("rank-larger-than-matrices", {"galore": {"rank": 64}}, [], {}, "galore.rank"),

@@ -149,6 +149,60 @@ def test_clip_full_norm_equals_clip_grad_norm_():
     assert max_abs_diff(ref, model) < 1e-5
 
 
+def test_delayed_clipping_uses_the_previous_norm_and_keeps_updates_in_the_hooks():
+    """clip_timing='delayed' (k=1): step t's gradient is scaled by the coefficient from step
+    t-1's full norm (step 0 unscaled), updates still run inside the hooks (gradients freed as
+    they come: no deferred low-rank buffers), and the logged norm is this step's, exact."""
+    max_norm, steps = 0.05, 5
+    ref, ref_opt = make(lr=1e-2)
+    model, opt = make(lr=1e-2)
+    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm, clip_norm="full", clip_timing="delayed")
+    assert not lw.deferred
+    coef, norms, coefs = 1.0, [], []
+    for s in range(steps):
+        ref_opt.zero_grad(set_to_none=True)
+        loss_of(ref, big_batch(s, 1)).backward()
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]))
+        for p in ref.parameters():
+            p.grad.mul_(coef)
+        ref_opt.step()
+        norms.append(norm)
+        coefs.append(coef)
+        coef = min(1.0, max_norm / (norm + 1e-6))
+    seen = {"max_live_grads": 0}
+
+    def count(_):
+        seen["max_live_grads"] = max(seen["max_live_grads"],
+                                     sum(p.grad is not None for p in model.parameters()))
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in model.parameters()]
+    for s in range(steps):
+        loss_of(model, big_batch(s, 1)).backward()
+        assert lw.step()
+        assert lw.full_grad_norm == pytest.approx(norms[s], rel=1e-5)
+        assert lw.clip_coef == pytest.approx(coefs[s], rel=1e-6)
+    for h in hooks:
+        h.remove()
+    assert coefs[0] == 1.0 and all(c < 0.1 for c in coefs[1:])  # really clipped from step 1
+    assert seen["max_live_grads"] <= 2  # freed in the hooks (the counter itself sees one)
+    assert max_abs_diff(ref, model) < 1e-5
+
+
+def test_delayed_clipping_resumes_with_its_pending_coefficient():
+    max_norm = 0.05
+    model, opt = make(lr=1e-2)
+    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm, clip_timing="delayed")
+    layerwise_steps(model, lw, 2, 1)
+    sd = copy.deepcopy(lw.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = GaLoreAdamW(param_groups(model2, rank=8, update_proj_gap=2, stagger=True), lr=1e-2)
+    lw2 = LayerwiseOptimizer(opt2, max_grad_norm=max_norm, clip_timing="delayed")
+    lw2.load_state_dict(sd)
+    layerwise_steps(model, lw, 2, 1)
+    layerwise_steps(model2, lw2, 2, 1)
+    assert lw.clip_coef == lw2.clip_coef < 1.0
+    assert max_abs_diff(model, model2) == 0.0
+
+
 def _consumed_norm(model, opt):
     """sqrt(sum ||P(G)||^2 over GaLore matrices + sum ||G||^2 over the rest), from the
     ordinary optimizer's projectors after its step."""

@@ -385,7 +385,8 @@ def _placeholder_state(opt, p: torch.Tensor, group: dict) -> dict[str, torch.Ten
     if "rank" in group:
         r = group["rank"]
         side = "right" if info is not None else pj.choose_side(shape, group["proj_type"])
-        st["proj"] = torch.zeros((r, shape[1]) if side == "right" else (shape[0], r))
+        st["proj"] = torch.zeros((r, shape[1]) if side == "right" else (shape[0], r),
+                                 dtype=pj.storage_dtype(p.dtype))
         st["proj_right"] = torch.tensor(side == "right")
         st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
         moment_local = (local_rows, r) if side == "right" else (r, shape[1])

@@ -155,8 +155,8 @@ class GaLoreOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
-        moments and projectors for bf16 weights, so saved tensors are re-installed with
-        their saved dtype (moved to the parameter's device only)."""
+        moments for bf16 weights, so saved tensors are re-installed with their saved dtype
+        (moved to the parameter's device only)."""
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -246,7 +246,7 @@ class GaLoreOptimizer(Optimizer):
         if gram is None and not bool(torch.isfinite(grad).all()):
             self.galore_stats["nonfinite_refresh_skipped"] += 1
             return None
-        prev = pj.proj_to_basis(state["proj"], job.side) if "proj" in state else None
+        prev = pj.proj_to_basis(state["proj"], job.side).float() if "proj" in state else None
         try:
             return pj.compute_basis(
                 grad, job.side, group["rank"], group["refresh"], prev,
@@ -280,7 +280,7 @@ class GaLoreOptimizer(Optimizer):
                 self._reset_moments(state)
         # No .contiguous(): with signs="lapack" the projector keeps LAPACK's memory layout,
         # as galore-torch's does, because the matmul's rounding depends on it.
-        state["proj"] = pj.basis_to_proj(basis, job.side)
+        state["proj"] = pj.basis_to_proj(basis.to(pj.storage_dtype(job.item.param.dtype)), job.side)
         state["proj_right"] = job.side == "right"
         self.galore_stats["refreshes"] += 1
 
@@ -297,8 +297,8 @@ class GaLoreOptimizer(Optimizer):
         proj = item.state["proj"]
         grad = item.grad
         if grad.dtype != proj.dtype:
-            return pj.project(grad, proj.to(grad.dtype), side_of(item.state)).float()
-        return pj.project(grad, proj, side_of(item.state))
+            proj = proj.to(grad.dtype)
+        return pj.project(grad, proj, side_of(item.state)).float()  # moments are fp32
 
     @staticmethod
     def _apply_update(item: ParamItem, update: torch.Tensor, alpha: float) -> None:

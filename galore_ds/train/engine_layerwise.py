@@ -45,13 +45,15 @@ class LayerwiseEngine(SingleEngine):
                               "use galore_adamw, galore_adamw8bit or galore_adafactor (galore.enabled=false "
                               "gives their full-rank rule)")
         self.accumulation = max(1, self.cfg.accumulation(self.world_size))
-        # Clipping (or accumulation) defers the updates to the end of backward, which is also
-        # what lets a NaN/Inf step be dropped whole; without either, updates run inside the
-        # hooks (least memory) and only the affected parameters' updates are dropped.
+        # Exact clipping (or accumulation) defers the updates to the end of backward, which
+        # is also what lets a NaN/Inf step be dropped whole; without either (no clipping, or
+        # training.clip_timing=delayed), updates run inside the hooks (least memory: the 7B
+        # recipe) and only the affected parameters' updates are dropped.
         clip = t.grad_clip if t.grad_clip > 0 else None
         self.layerwise = LayerwiseOptimizer(
             self.optimizer, accumulation_steps=self.accumulation, max_grad_norm=clip,
-            clip_norm="full" if self.accumulation == 1 else "lowrank", lr_scheduler=self.scheduler)
+            clip_norm="full" if self.accumulation == 1 else "lowrank", clip_timing=t.clip_timing,
+            lr_scheduler=self.scheduler)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         n = len(micro_batches)
