@@ -116,6 +116,7 @@ class FSDPConfig:
     param_dtype: str = "float32"
     reduce_dtype: str = "float32"
     replicate: int = 1                # HSDP: replicas (1 = plain FSDP)
+    layerwise: bool = False           # per-layer updates inside backward (FSDPLayerwiseOptimizer)
 
 
 @dataclass
@@ -342,14 +343,14 @@ def _source_exists(key: str, source: Optional[str], max_chars: int) -> None:
     if source.startswith(HF_PREFIX):
         if importlib.util.find_spec("datasets") is None:
             raise ConfigError(key, f"{source!r} needs the `datasets` package, which is not installed",
-                              "pip install datasets, or use local files")
+                              "pip install -e .[data] (or datasets), or use local files")
         if max_chars <= 0:
             raise ConfigError("data.max_chars", "must be > 0 with an hf: source (this version reads that many characters)",
                               "set data.max_chars, e.g. 2000000000")
         return
     if source.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
         raise ConfigError(key, "parquet files need the `pyarrow` package, which is not installed",
-                          "pip install pyarrow, or convert to .jsonl")
+                          "pip install -e .[data] (or pyarrow), or convert to .jsonl")
     if not Path(source).exists():
         raise ConfigError(key, f"path {source!r} does not exist",
                           f"point {key} at a .txt/.jsonl/.parquet file or directory, "
@@ -472,6 +473,12 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     _choice("engine.fsdp.param_dtype", e.fsdp.param_dtype, DTYPES)
     _choice("engine.fsdp.reduce_dtype", e.fsdp.reduce_dtype, DTYPES)
     _positive("engine.fsdp.replicate", e.fsdp.replicate)
+    if e.fsdp.layerwise and e.fsdp.replicate > 1:
+        raise ConfigError("engine.fsdp.layerwise", f"per-layer mode does not support HSDP (replicate={e.fsdp.replicate})",
+                          "set engine.fsdp.replicate=1, or engine.fsdp.layerwise=false")
+    if e.fsdp.layerwise and t.optimizer == "adamw":
+        raise ConfigError("engine.fsdp.layerwise", "training.optimizer=adamw has no per-layer mode",
+                          "use galore_adamw or galore_adamw8bit (galore.enabled=false gives their full-rank rule)")
 
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last, allow_zero=True)

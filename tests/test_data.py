@@ -74,3 +74,35 @@ def test_eval_batches_are_fixed_and_split_across_ranks():
     r0, r1 = eval_batches(ds, 2, 2, 0, 2), eval_batches(ds, 2, 2, 1, 2)
     assert [b["input_ids"][:, 0].tolist() for b in one] == [[0, 2], [4, 6], [8, 10], [12, 14]]
     assert [b["input_ids"][:, 0].tolist() for b in r0 + r1] == [[0, 2], [8, 10], [4, 6], [12, 14]]
+
+
+def test_parquet_source_reads_the_text_column_in_file_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, rows in (("b.parquet", ["third", "fourth"]), ("a.parquet", ["first", "", "second"])):
+        pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}), tmp_path / name)
+    assert read_documents(str(tmp_path)) == ["first", "second", "third", "fourth"]  # empty rows skipped
+    assert read_documents(str(tmp_path / "b.parquet"), max_chars=8) == ["third", "fou"]
+
+
+def test_hf_dataset_source_streams_without_a_network(tmp_path, monkeypatch):
+    """data.source = "hf:<name or path>" goes through datasets.load_dataset(streaming=True);
+    a local data directory stands in for the hub here (HF_DATASETS_OFFLINE=1)."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(5)) + "\n")
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("streaming"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert read_documents(f"hf:{data}", max_chars=17) == ["row 0", "row 1", "row 2", "ro"]
+    assert calls == [True]
