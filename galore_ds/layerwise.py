@@ -320,10 +320,12 @@ class LayerwiseOptimizer:
         state.setdefault("step", 0)
         return self.optimizer._refresh_due(state, self._group(meta), meta.pos, meta.n_in_group)
 
-    def _add_sq(self, attr: str, t: torch.Tensor) -> None:
+    def _add_sq(self, attr: str, t: torch.Tensor) -> torch.Tensor:
+        """Add |t|^2 to the window's sum; returns it (non-finite iff t has a NaN/Inf)."""
         sq = torch.linalg.vector_norm(t, dtype=torch.float32).square()
         cur = getattr(self, attr)
         setattr(self, attr, sq if cur is None else cur + sq)
+        return sq
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
@@ -356,10 +358,10 @@ class LayerwiseOptimizer:
         if grad is not None and self.accumulation_steps == 1:
             self._add_sq("_sq_full", grad)
         if not meta.galore:
-            self._add_sq("_sq_low", grad)
+            sq = self._add_sq("_sq_low", grad)
             if defer:
                 self._ready[p] = None          # p.grad is consumed at step()
-            elif self._finite_or_restore(p, grad):
+            elif self._finite_or_restore(p, sq):
                 self._apply(p, None, self._immediate_coef())
             return
         low = acc
@@ -381,17 +383,18 @@ class LayerwiseOptimizer:
                 low.add_(low_g.to(self.accum_dtype))
             p.grad = None
         low = low.float() if low.dtype != torch.float32 else low
-        self._add_sq("_sq_low", low)
+        sq = self._add_sq("_sq_low", low)
         if defer:
             self._ready[p] = low
-        elif self._finite_or_restore(p, low):
+        elif self._finite_or_restore(p, sq):
             self._apply(p, low, self._immediate_coef())
 
-    def _finite_or_restore(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+    def _finite_or_restore(self, p: torch.Tensor, sq: torch.Tensor) -> bool:
         """Immediate mode cannot drop the whole step (other layers are already updated), but
         it never writes NaN/Inf into a weight: this parameter's update (and refresh) is
-        dropped and counted."""
-        if bool(torch.isfinite(grad).all()):
+        dropped and counted. `sq` is the gradient's squared norm (already computed for the
+        logged norm: no extra pass, no full-size mask)."""
+        if bool(torch.isfinite(sq)):
             self._undo.pop(p, None)
             return True
         saved = self._undo.pop(p, None)

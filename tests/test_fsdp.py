@@ -22,7 +22,11 @@ _CACHE: dict = {}
 CASES = ["layout", "owner_svd", "owner_svd_accum4_nosync", "owner_svd_accum4_sync_each",
          "owner_randomized", "subspace", "stagger", "owner_reproject", "adamw8bit_smoke",
          "hsdp_2x2", "dcp_save_2", "dcp_load_3", "engine_vs_single", "engine_hsdp_vs_single",
-         "nonfinite_refresh"]
+         "nonfinite_refresh",
+         # per-layer mode (FSDPLayerwiseOptimizer: updates inside the FSDP2 backward)
+         "layerwise_k1", "layerwise_k1_clip", "layerwise_k1_clip_delayed", "layerwise_k4", "layerwise_k4_clip",
+         "layerwise_k4_clip_nosync", "layerwise_nan_k1", "layerwise_nan_k4",
+         "layerwise_refuses_hsdp", "engine_layerwise_vs_single", "layerwise_nan_rows_immediate"]
 
 
 def _free_port() -> int:
@@ -77,11 +81,14 @@ def test_fsdp_case(world, case, tmp_path_factory):
         r = res[case]
         assert r["ok"], f"rank {rank}: {r.get('error')}\n{r.get('trace')}"
     expected_runs = {"hsdp_2x2": 4, "dcp_save_2": 2, "dcp_load_3": 3, "engine_vs_single": 2,
-                      "engine_hsdp_vs_single": 4}.get(case, world)
+                      "engine_hsdp_vs_single": 4, "layerwise_refuses_hsdp": 4,
+                     "engine_layerwise_vs_single": 2}.get(case, world)
     skipped = "skipped" in report["ranks"][0][case]
     assert skipped == (world != expected_runs), report["ranks"][0][case]
     if not skipped and "rel_diff" in report["ranks"][0][case] and case != "adamw8bit_smoke":
         assert max(r[case]["rel_diff"] for r in report["ranks"]) <= 1e-5
+    if not skipped and "norm_rel_diff" in report["ranks"][0][case]:  # per-layer: logged grad norm
+        assert max(r[case]["norm_rel_diff"] for r in report["ranks"]) <= 1e-5
 
 
 def test_empty_shard_is_exercised(tmp_path_factory):
@@ -90,6 +97,8 @@ def test_empty_shard_is_exercised(tmp_path_factory):
     rows = [r["layout"]["rows"]["mlp_down.weight"] for r in report["ranks"]]
     assert rows == [2, 2, 1, 0]
     assert report["ranks"][3]["owner_svd"]["rel_diff"] <= 1e-5
+    for case in ("layerwise_k1_clip", "layerwise_k4_clip"):  # hooks fire on the empty shard too
+        assert report["ranks"][3][case]["rel_diff"] <= 1e-5
 
 
 def test_unit_helpers():

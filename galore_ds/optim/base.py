@@ -78,9 +78,6 @@ class ParamItem:
     state: dict
     group: dict
     galore: bool
-    # An already-projected gradient (per-layer accumulation keeps only this); when set,
-    # the rule uses it instead of projecting `grad`.
-    lowrank_grad: torch.Tensor | None = None
     # Already in the rule's coordinates (e.g. a projected gradient accumulated over
     # micro-batches by galore_ds.layerwise); when set, `_low_rank_grad` returns it as is.
     lowrank_grad: torch.Tensor | None = None
@@ -292,8 +289,6 @@ class GaLoreOptimizer(Optimizer):
             return item.lowrank_grad
         if not item.galore:
             return item.grad
-        if item.lowrank_grad is not None:
-            return item.lowrank_grad
         proj = item.state["proj"]
         grad = item.grad
         if grad.dtype != proj.dtype:

@@ -13,6 +13,13 @@
   one all-reduce per step, n/r less traffic than G). With grad_clip > 0 the pre-clip norm
   of the replica-averaged gradient is needed first, so the engine then averages the full
   gradients over replicas itself (exact, no low-rank saving).
+- Per-layer mode (engine.fsdp.layerwise = true): FSDPLayerwiseOptimizer updates each row
+  shard inside the FSDP2 backward, from the hook FSDP2 runs right after the shard's
+  reduce-scatter, and frees the gradient (galore_ds/distributed/fsdp_layerwise.py). Gradient
+  sync stays on for every micro-batch (each one's shard is projected and freed at once);
+  accumulation is exact in low rank, clipping uses the global norm (one 2-float all-reduce per
+  step; with one micro-batch the full-gradient norm, as clip_grad_norm_), a NaN/Inf norm skips
+  the step on every rank, and the scheduler steps once per optimizer step. No HSDP.
 - Checkpoints: torch.distributed.checkpoint (model + GaLoreAdamW state as DTensors: a run
   saved on W ranks resumes on any W'); the scheduler goes into scheduler.pt
   (torch.load(weights_only=True)). GaLoreAdamW8bit state is per-rank (optim_rank{r}.pt),
@@ -32,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galore_ds.config import Config, DistEnv
+from galore_ds.config import Config, ConfigError, DistEnv
 from galore_ds.distributed.common import COMM
 from galore_ds.distributed.fsdp import (
     FSDPGaLoreAdamW,
@@ -40,6 +47,7 @@ from galore_ds.distributed.fsdp import (
     dcp_load,
     dcp_state_dict,
 )
+from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer
 from galore_ds.model import DTYPES
 from galore_ds.train import faults
 from galore_ds.train.engine import Engine, StepResult
@@ -56,6 +64,7 @@ class FSDPEngine(Engine):
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", dist_env.local_rank) if cuda else torch.device("cpu")
         self.replicate_group = None
+        self.layerwise: FSDPLayerwiseOptimizer | None = None
 
     # ------------------------------------------------------------------ setup
     def _init_dist(self) -> None:
@@ -100,6 +109,24 @@ class FSDPEngine(Engine):
         self.optimizer = self._build_optimizer(build_param_groups(model, self.cfg))
         t = self.cfg.training
         self.scheduler = warmup_cosine(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+        if f.layerwise:
+            self._setup_layerwise()
+
+    def _setup_layerwise(self) -> None:
+        """Per-layer mode, set up as the single-process layerwise engine: exact clipping or
+        accumulation defer the updates to the end of backward (so a NaN/Inf step is dropped
+        whole); without either (or with training.clip_timing=delayed), each shard is updated
+        inside its hook."""
+        t = self.cfg.training
+        if not isinstance(self.optimizer, (FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit)):
+            raise ConfigError("engine.fsdp.layerwise", f"training.optimizer={t.optimizer!r} has no per-layer mode",
+                              "use galore_adamw or galore_adamw8bit")
+        self.accumulation = max(1, self.cfg.accumulation(self.world_size))
+        self.layerwise = FSDPLayerwiseOptimizer(
+            self.optimizer, accumulation_steps=self.accumulation,
+            max_grad_norm=t.grad_clip if t.grad_clip > 0 else None,
+            clip_norm="full" if self.accumulation == 1 else "lowrank", clip_timing=t.clip_timing,
+            lr_scheduler=self.scheduler)
 
     def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         t = self.cfg.training
@@ -140,6 +167,8 @@ class FSDPEngine(Engine):
             g.copy_(part.reshape(g.shape))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        if self.layerwise is not None:
+            return self._train_step_layerwise(micro_batches)
         n = len(micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -167,6 +196,35 @@ class FSDPEngine(Engine):
         return StepResult(loss=float(total) / (n * self.world_size), grad_norm=grad_norm, lr=lr,
                           extra={"galore_comm_bytes": COMM.total_bytes(),
                                  "skipped_steps": getattr(self, "skipped_steps", 0)})
+
+    def _train_step_layerwise(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """Updates run inside backward (FSDPLayerwiseOptimizer); it also clips, skips a
+        non-finite step on every rank and steps the scheduler."""
+        n, lw = len(micro_batches), self.layerwise
+        if n != self.accumulation:
+            raise ValueError(f"train_step got {n} micro-batches; the recipe's accumulation is {self.accumulation}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        done = False
+        for mb in micro_batches:
+            # sync on: each micro-batch's shard is reduce-scattered, then projected and freed
+            # by its hook (no unsharded gradient kept across micro-batches)
+            self._model.set_requires_gradient_sync(True)
+            loss = self._model(**self._batch(mb)).loss
+            (loss / n).backward()
+            total += loss.detach().double()
+            done = lw.step()
+        assert done, "the per-layer window did not close at the end of the step"
+        self.skipped_steps = lw.skipped_steps
+        norm = lw.full_grad_norm if lw.full_grad_norm is not None else lw.grad_norm
+        dist.all_reduce(total)
+        extra = {"galore_comm_bytes": COMM.total_bytes(), "skipped_steps": lw.skipped_steps,
+                 "grad_norm_lowrank": lw.grad_norm, "clip_coef": lw.clip_coef,
+                 "nonfinite_params_skipped": lw.nonfinite_params_skipped}
+        if lw.full_grad_norm is not None:
+            extra["grad_norm_full"] = lw.full_grad_norm
+        return StepResult(loss=float(total) / (n * self.world_size),
+                          grad_norm=norm if norm is not None else math.nan, lr=lr, extra=extra)
 
     @torch.no_grad()
     def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -198,7 +256,12 @@ class FSDPEngine(Engine):
                 sd["optim"] = get_optimizer_state_dict(self._model, self.optimizer)
             dcp.save(sd, checkpoint_id=str(directory / "dcp"))
         if self.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict(), "world_size": self.world_size},
+            extra = {}
+            if self.layerwise is not None:
+                # saved between steps: the window is closed, so only the counters remain
+                extra["layerwise"] = {"global_step": self.layerwise.global_step,
+                                      "skipped_steps": self.layerwise.skipped_steps}
+            torch.save({"scheduler": self.scheduler.state_dict(), "world_size": self.world_size, **extra},
                        directory / "scheduler.pt")
 
     def load(self, directory: Path) -> None:
@@ -228,6 +291,9 @@ class FSDPEngine(Engine):
                     directory / f"optim_rank{self.rank}.pt", map_location=self.device, weights_only=True))
         sched = torch.load(directory / "scheduler.pt", weights_only=True)
         self.scheduler.load_state_dict(sched["scheduler"])
+        if self.layerwise is not None and "layerwise" in sched:
+            self.layerwise.global_step = int(sched["layerwise"]["global_step"])
+            self.layerwise.skipped_steps = self.skipped_steps = int(sched["layerwise"]["skipped_steps"])
 
     # ------------------------------------------------------------------ misc
     def galore_stats(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from galore_ds.distributed.common import COMM, chunk_rows, count_collectives  # noqa: E402
 from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit  # noqa: E402
+from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer  # noqa: E402
+from galore_ds.layerwise import LayerwiseOptimizer  # noqa: E402
 from galore_ds.optim.adamw import GaLoreAdamW  # noqa: E402
 from galore_ds.optim.base import side_of  # noqa: E402
 from shutdown import exit_worker  # noqa: E402
@@ -275,15 +277,18 @@ def case_dcp_load(world: int) -> dict:
     return {"rel_diff": diff, "counts": counts}
 
 
-def case_engine(world: int, replicate: int = 1, clip: float = 0.05) -> dict:
+def case_engine(world: int, replicate: int = 1, clip: float = 0.05, layerwise: bool = False) -> dict:
     """The fsdp engine (tiny LLaMA, accumulation, clipping at 0.05) equals the single engine
     on the same global micro-batches: loss, grad norm and parameters. replicate=2 on 4 ranks
-    with clip=0: HSDP 2 x 2 with the low-rank replica all-reduce."""
+    with clip=0: HSDP 2 x 2 with the low-rank replica all-reduce. layerwise=True: the fsdp
+    engine with engine.fsdp.layerwise (4 micro-batches of 2 per step, low-rank clipping)
+    equals the single-process layerwise engine (8 micro-batches of 1)."""
     if world != (2 if replicate == 1 else 4):
         return {"skipped": "runs on 2 ranks (HSDP: 4)"}
     from galore_ds.config import DistEnv, from_dict
     from galore_ds.model import build_model
     from galore_ds.train.engine_fsdp import FSDPEngine
+    from galore_ds.train.engine_layerwise import LayerwiseEngine
     from galore_ds.train.engine_single import SingleEngine
 
     rank = dist.get_rank()
@@ -293,12 +298,12 @@ def case_engine(world: int, replicate: int = 1, clip: float = 0.05) -> dict:
         "training": {"optimizer": "galore_adamw", "steps": 4, "lr": 0.01, "warmup_steps": 1,
                      "global_batch": 8, "micro_batch": 1, "grad_clip": clip},
         "galore": {"rank": 4, "update_proj_gap": 2, "proj_type": "right"},
-        "engine": {"mode": "fsdp", "fsdp": {"replicate": replicate}},
+        "engine": {"mode": "fsdp", "fsdp": {"replicate": replicate, "layerwise": layerwise}},
     })
     n_micro = cfg.accumulation(world)
     fs = FSDPEngine(cfg, DistEnv(rank, world, rank, "torch"))
     fs.setup(build_model(cfg.model, seed=0, meta=False))
-    single = SingleEngine(cfg, DistEnv())
+    single = (LayerwiseEngine if layerwise else SingleEngine)(cfg, DistEnv())
     single.setup(build_model(cfg.model, seed=0, meta=False))
     out = []
     for step in range(4):
@@ -317,6 +322,9 @@ def case_engine(world: int, replicate: int = 1, clip: float = 0.05) -> dict:
         assert out[0][3] > clip, "clipping should be active in this test"
     else:
         assert getattr(fs.optimizer, "replicate_group", None) is not None, "low-rank HSDP path"
+    if layerwise:
+        assert fs.layerwise is not None and fs.layerwise.global_step == 4
+        assert single.layerwise.accumulation_steps == 8 and fs.layerwise.accumulation_steps == 4
     return {"rel_diff": diff, "loss_gradnorm": out, "stats": fs.galore_stats()}
 
 
@@ -344,6 +352,214 @@ def case_nonfinite_refresh(world: int) -> dict:
     return {"skipped_total": int(skipped)}
 
 
+# ------------------------------------------------------------------ per-layer (in backward)
+LW_STEPS, LW_GAP, LW_BSZ = 7, 3, 12  # refreshes at steps 0, 3, 6
+LW_CLIP = {1: 0.5, 4: 0.3}  # per accumulation: clips some steps, not all (asserted)
+
+
+def run_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: float | None,
+                  sync_each: bool = True, nan_at: tuple[int, int] | None = None, lr: float = 1e-2,
+                  timing: str = "exact"):
+    """FSDP2 + FSDPLayerwiseOptimizer: updates inside backward. nan_at=(step, rank): that
+    rank's targets are NaN at that step (its loss is NaN). Returns (model, opt, lw, log)
+    with per-step helper-collective counts, grad norm and clip coefficient."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = shard_model(make_model())
+    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=gap), lr=lr)
+    lw = FSDPLayerwiseOptimizer(opt, accumulation_steps=accum, max_grad_norm=clip,
+                                clip_norm="full" if accum == 1 else "lowrank", clip_timing=timing)
+    local = bsz // world
+    log = []
+    for step in range(steps):
+        before = COMM.total_calls()
+        done = False
+        for micro in range(accum):
+            x, y = data(step, micro, bsz)
+            x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
+            if nan_at == (step, rank):
+                y = torch.full_like(y, float("nan"))
+            if not sync_each:
+                model.set_requires_gradient_sync(micro == accum - 1)
+            (nn.functional.mse_loss(model(x), y) / accum).backward()
+            done = lw.step()
+        assert done, "the window did not close"
+        log.append({"calls": COMM.total_calls() - before, "grad_norm": lw.grad_norm,
+                    "full_grad_norm": lw.full_grad_norm, "clip_coef": lw.clip_coef})
+    return model, opt, lw, log
+
+
+def reference_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: float | None,
+                        lr: float = 1e-2, timing: str = "exact"):
+    """The unsharded model on every global micro-batch, with the single-process reference
+    for these settings: k=1: GaLoreAdamW(proj_type='right') after clip_grad_norm_ (norms =
+    its return values); k>1 with clipping: the single-process LayerwiseOptimizer (itself tested
+    against the plain optimizer); k>1 without: the plain optimizer on the k*bsz batch;
+    delayed clipping: the single-process LayerwiseOptimizer too."""
+    model = make_model()
+    opt = GaLoreAdamW(groups(model, update_proj_gap=gap, proj_type="right"), lr=lr)
+    if clip is not None and (accum > 1 or timing == "delayed"):
+        lw = LayerwiseOptimizer(opt, accumulation_steps=accum, max_grad_norm=clip,
+                                clip_norm="full" if accum == 1 else "lowrank", clip_timing=timing)
+        norms = []
+        for step in range(steps):
+            for micro in range(accum):
+                x, y = data(step, micro, bsz)
+                (nn.functional.mse_loss(model(x), y) / accum).backward()
+                lw.step()
+            norms.append(lw.full_grad_norm if accum == 1 else lw.grad_norm)
+        return model, opt, norms
+    if accum > 1:
+        ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, lr=lr)
+        return ref, ref_opt, None
+    norms = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        x, y = data(step, 0, bsz)
+        nn.functional.mse_loss(model(x), y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(
+            model.parameters(), clip if clip is not None else float("inf"))))
+        opt.step()
+    return model, opt, norms
+
+
+def case_layerwise(world: int, accum: int = 1, clip: float | None = None, sync_each: bool = True,
+                   timing: str = "exact") -> dict:
+    """Per-layer FSDP (hooks inside backward) equals the single-process reference; one 2-float
+    all-reduce per step, plus 2 owner collectives per refreshed matrix (3 GaLore matrices)."""
+    steps, gap, bsz = LW_STEPS, LW_GAP, LW_BSZ
+    model, opt, lw, log = run_layerwise(steps=steps, gap=gap, bsz=bsz, accum=accum, clip=clip,
+                                        sync_each=sync_each, timing=timing)
+    ref, ref_opt, ref_norms = reference_layerwise(steps=steps, gap=gap, bsz=bsz, accum=accum, clip=clip,
+                                                  timing=timing)
+    diff = rel_diff(model, ref)
+    norms = [e["full_grad_norm"] if accum == 1 else e["grad_norm"] for e in log]
+    norm_diff = 0.0
+    if ref_norms is not None:
+        norm_diff = max(abs(a - b) / b for a, b in zip(norms, ref_norms))
+    coefs = [e["clip_coef"] for e in log]
+    out = {"rel_diff": diff, "norm_rel_diff": norm_diff, "log": log,
+           "refreshes": opt.galore_stats["refreshes"], "ref_refreshes": ref_opt.galore_stats["refreshes"]}
+    assert diff <= TOL, f"max relative param difference {diff:.3e} > {TOL}"
+    assert norm_diff <= TOL, f"grad norm relative difference {norm_diff:.3e} > {TOL}"
+    refr = set(refresh_steps(steps, gap))
+    assert len(refr) >= 2
+    # refreshes are counted by the owner's _set_projector on every rank: 3 matrices each time
+    assert opt.galore_stats["refreshes"] == ref_opt.galore_stats["refreshes"] == 3 * len(refr), out
+    calls = [e["calls"] for e in log]
+    assert all(c == (1 + 2 * 3 if s in refr else 1) for s, c in enumerate(calls)), calls
+    if clip is not None:  # the threshold is chosen so that clipping is active in some steps only
+        assert any(c < 1.0 for c in coefs) and any(c == 1.0 for c in coefs), coefs
+    else:
+        assert all(c == 1.0 for c in coefs), coefs
+    assert lw.skipped_steps == 0 and lw.nonfinite_params_skipped == 0
+    for p in model.parameters():
+        st = opt.state[p]
+        if "proj" in st:
+            assert side_of(st) == "right" and st["exp_avg"].shape == (p.to_local().shape[0], 3)
+    return out
+
+
+def _snapshot(model: nn.Module, opt) -> list[torch.Tensor]:
+    """Local weights and every optimizer state value, cloned, in a fixed order."""
+    out = [p.to_local().detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        for k in sorted(opt.state[p]):
+            v = opt.state[p][k]
+            out.append(v.clone() if torch.is_tensor(v) else torch.tensor(float(v)))
+    return out
+
+
+def case_layerwise_nan(world: int, accum: int = 1) -> dict:
+    """NaN loss on the last rank at step 3 (a refresh step): every rank skips the whole step
+    (weights, moments, projectors and step counts bit-identical), then training goes on."""
+    steps, gap, bsz, bad = 5, LW_GAP, LW_BSZ, 3
+    kw = dict(gap=gap, bsz=bsz, accum=accum, clip=0.05)
+    model, opt, lw, _ = run_layerwise(steps=bad, **kw)
+    before = _snapshot(model, opt)
+    rank = dist.get_rank()
+    lw_log = []
+    local = bsz // world
+    for step in range(bad, steps):
+        for micro in range(accum):
+            x, y = data(step, micro, bsz)
+            x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
+            if step == bad and rank == world - 1:
+                y = torch.full_like(y, float("nan"))
+            (nn.functional.mse_loss(model(x), y) / accum).backward()
+            lw.step()
+        lw_log.append(lw.grad_norm)
+        if step == bad:
+            after = _snapshot(model, opt)
+            same = all(torch.equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)
+            assert same, "a skipped step changed weights or optimizer state"
+            assert lw.skipped_steps == 1, lw.skipped_steps
+            assert all(p.grad is None for p in model.parameters())
+    for p in model.parameters():
+        assert torch.isfinite(p.to_local()).all()
+        assert opt.state[p]["step"] == steps - 1  # the skipped step is not counted
+    return {"grad_norms_after": lw_log, "skipped_steps": lw.skipped_steps}
+
+
+def case_layerwise_nan_rows_immediate(world: int) -> dict:
+    """Immediate mode (k=1, no clipping: updates inside the hooks) with NaN in one gradient
+    element of rank 0's rows of mlp_up at a refresh step: only those rows' update is dropped;
+    step counts and projectors stay equal on every rank and the next refreshes still match."""
+    steps, gap, bsz, bad = 7, LW_GAP, LW_BSZ, 3
+    rank = dist.get_rank()
+    model = shard_model(make_model())
+    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=gap), lr=1e-2)
+    target = model.mlp_up.weight
+    at = {"step": 0}
+
+    def poison(p):  # registered before the optimizer's hook, so it runs first
+        if at["step"] == bad and rank == 0:
+            p.grad.to_local()[0, 0] = float("nan")
+
+    target.register_post_accumulate_grad_hook(poison)
+    lw = FSDPLayerwiseOptimizer(opt)
+    assert not lw.deferred
+    local = bsz // world
+    for step in range(steps):
+        at["step"] = step
+        x, y = data(step, 0, bsz)
+        x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
+        nn.functional.mse_loss(model(x), y).backward()
+        lw.step()
+    for p in model.parameters():
+        assert torch.isfinite(p.to_local()).all()
+        assert opt.state[p]["step"] == steps
+        proj = opt.state[p].get("proj")
+        if proj is not None:
+            gathered = [torch.empty_like(proj) for _ in range(world)]
+            dist.all_gather(gathered, proj.contiguous())
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "projectors diverged"
+    skipped = torch.tensor([lw.nonfinite_params_skipped])
+    dist.all_reduce(skipped)
+    assert int(skipped) == 1, int(skipped)
+    return {"nonfinite_params_skipped_total": int(skipped)}
+
+
+def case_layerwise_refuses_hsdp(world: int) -> dict:
+    """Per-layer mode refuses HSDP (optimizer replicas, or FSDP2's own 2-D mesh) clearly."""
+    if world != 4:
+        return {"skipped": "needs 4 ranks"}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    errors = []
+    model = shard_model(make_model(), mesh["shard"])
+    opt = FSDPGaLoreAdamW(groups(model), lr=1e-2, replicate_group=mesh["replicate"].get_group())
+    model2 = shard_model(make_model(), mesh)  # 2-D mesh: (Replicate, Shard(0)) placements
+    opt2 = FSDPGaLoreAdamW(groups(model2), lr=1e-2)
+    for o in (opt, opt2):
+        try:
+            FSDPLayerwiseOptimizer(o)
+        except ValueError as exc:
+            errors.append(str(exc))
+    assert len(errors) == 2 and all("HSDP" in e for e in errors), errors
+    return {"errors": errors}
+
+
 CASES = {
     "layout": case_layout,
     "owner_svd": lambda w: case_exact(w),
@@ -360,6 +576,17 @@ CASES = {
     "engine_vs_single": case_engine,
     "engine_hsdp_vs_single": lambda w: case_engine(w, replicate=2, clip=0.0),
     "nonfinite_refresh": case_nonfinite_refresh,
+    "engine_layerwise_vs_single": lambda w: case_engine(w, layerwise=True),
+    "layerwise_k1": lambda w: case_layerwise(w),
+    "layerwise_k1_clip": lambda w: case_layerwise(w, clip=LW_CLIP[1]),
+    "layerwise_k1_clip_delayed": lambda w: case_layerwise(w, clip=LW_CLIP[1], timing="delayed"),
+    "layerwise_k4": lambda w: case_layerwise(w, accum=4),
+    "layerwise_k4_clip": lambda w: case_layerwise(w, accum=4, clip=LW_CLIP[4]),
+    "layerwise_k4_clip_nosync": lambda w: case_layerwise(w, accum=4, clip=LW_CLIP[4], sync_each=False),
+    "layerwise_nan_k1": lambda w: case_layerwise_nan(w),
+    "layerwise_nan_k4": lambda w: case_layerwise_nan(w, accum=4),
+    "layerwise_refuses_hsdp": case_layerwise_refuses_hsdp,
+    "layerwise_nan_rows_immediate": case_layerwise_nan_rows_immediate,
 }
 CKPT_DIR = ""
 
