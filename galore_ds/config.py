@@ -69,7 +69,16 @@ class DataConfig:
     seq_len: int = 256
     max_chars: int = 0             # 0 = all; else stop reading the source after this many characters
     cache_dir: str = ".cache/galore_ds"
-    seed: int = 0                  # shuffling of packed sequences (per epoch)
+    seed: int = 0                  # shuffling of packed sequences (per epoch; in-memory data only)
+    # Stream documents -> tokens -> rows while training instead of packing the corpus in memory
+    # (C4 does not fit). None = true for hf: sources, false otherwise. Streamed data keeps the
+    # source's order (no shuffle) and needs a pretrained data.tokenizer (not "bpe").
+    streaming: Optional[bool] = None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether this recipe uses the streaming loader (data.streaming, resolved)."""
+        return self.source.startswith(HF_PREFIX) if self.streaming is None else self.streaming
 
 
 @dataclass
@@ -335,7 +344,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
                           f"set {key} to a {'non-negative' if allow_zero else 'positive'} value")
 
 
-def _source_exists(key: str, source: Optional[str], max_chars: int) -> None:
+def _source_exists(key: str, source: Optional[str], max_chars: int, streamed: bool) -> None:
     import importlib.util
 
     if source is None or source == BUILTIN_SOURCE:
@@ -344,9 +353,10 @@ def _source_exists(key: str, source: Optional[str], max_chars: int) -> None:
         if importlib.util.find_spec("datasets") is None:
             raise ConfigError(key, f"{source!r} needs the `datasets` package, which is not installed",
                               "pip install -e .[data] (or datasets), or use local files")
-        if max_chars <= 0:
-            raise ConfigError("data.max_chars", "must be > 0 with an hf: source (this version reads that many characters)",
-                              "set data.max_chars, e.g. 2000000000")
+        if max_chars <= 0 and not streamed:  # the in-memory packer must stop somewhere
+            raise ConfigError("data.max_chars", "must be > 0 with an hf: source and data.streaming=false "
+                              "(the in-memory packer reads that many characters)",
+                              "set data.max_chars, e.g. 2000000000, or data.streaming=true")
         return
     if source.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
         raise ConfigError(key, "parquet files need the `pyarrow` package, which is not installed",
@@ -388,15 +398,21 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     _choice("model.dtype", m.dtype, DTYPES)
     _positive("model.init_std", m.init_std)
 
-    _source_exists("data.source", d.source, d.max_chars)
-    _source_exists("data.eval_source", d.eval_source, d.max_chars)
+    _source_exists("data.source", d.source, d.max_chars, d.streamed)
+    _source_exists("data.eval_source", d.eval_source, d.max_chars, d.streamed)
+    if d.streamed and d.tokenizer == "bpe":
+        # the local BPE trains on the whole corpus before the first token; a stream has no "whole"
+        raise ConfigError("data.tokenizer", "'bpe' is trained on the whole corpus up front, which a streamed "
+                          "source (data.streaming) does not have",
+                          "set data.tokenizer to a Hugging Face tokenizer name or path (e.g. t5-base), "
+                          "or data.streaming=false with data.max_chars > 0")
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_position_embeddings:
         raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
                           "lower data.seq_len or raise model.max_position_embeddings")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}", "use e.g. 0.02")
-    if d.eval_source is None and d.eval_fraction == 0 and t.eval_batches > 0:
+    if d.eval_source is None and d.eval_fraction == 0 and t.eval_batches > 0 and not d.streamed:
         raise ConfigError("data.eval_fraction", "is 0 and no data.eval_source is set, so there is nothing to evaluate on",
                           "set data.eval_fraction > 0, data.eval_source, or training.eval_batches=0")
     _positive("data.max_chars", d.max_chars, allow_zero=True)

@@ -4,8 +4,10 @@
     tokenizer.py  a Hugging Face tokenizer, or a local byte-level BPE trained once and cached
     packing.py    token stream cache, packing into fixed-length sequences, train/eval split
     loader.py     deterministic global order, per-rank sharding, resumable position
+    streaming.py  the same, streamed: tokenized and packed while training (data.streaming, hf:)
 """
 from galore_ds.data.loader import StepLoader, eval_batches
 from galore_ds.data.packing import PackedDataset, build_datasets
+from galore_ds.data.streaming import StreamLoader, build_streaming
 
-__all__ = ["StepLoader", "eval_batches", "PackedDataset", "build_datasets"]
+__all__ = ["StepLoader", "eval_batches", "PackedDataset", "build_datasets", "StreamLoader", "build_streaming"]

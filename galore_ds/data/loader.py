@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from galore_ds.config import ConfigError
 from galore_ds.data.packing import PackedDataset
 
 
@@ -49,6 +50,10 @@ class StepLoader:
         return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
+        if "doc" in sd:  # a stream cursor (galore_ds.data.streaming): positions mean other rows
+            raise ConfigError("data.streaming", "the checkpoint's data position was written by the "
+                              "streaming loader (data.streaming=true)",
+                              "resume with the data.streaming setting that wrote it")
         self.position = int(sd["position"])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +64,21 @@ def iter_documents(source: str, text_field: str = "text", hf_split: str = "train
             p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl", ".parquet"))
         for f in files:
             yield from _file_docs(f, text_field)
+
+
+def stream_documents(source: str, text_field: str = "text", hf_split: str = "train",
+                     hf_config: str | None = None, skip: int = 0) -> Iterator[str]:
+    """Documents from number `skip` on, for the streaming loader: a resume passes the count it
+    consumed. An hf: record without text yields "" (it keeps its number, because
+    IterableDataset.skip counts records); skipping reads past records without tokenizing them."""
+    if not source.startswith(HF_PREFIX):
+        yield from islice(iter_documents(source, text_field, hf_split, hf_config), skip, None)
+        return
+    import datasets  # optional dependency, checked at validation
+
+    ds = datasets.load_dataset(source[len(HF_PREFIX):], hf_config, split=hf_split, streaming=True)
+    for row in ds.skip(skip) if skip else ds:
+        yield row.get(text_field) or ""
 
 
 def read_documents(source: str, text_field: str = "text", max_chars: int = 0, hf_split: str = "train",

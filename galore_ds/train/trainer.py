@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from galore_ds.config import Config, DistEnv
-from galore_ds.data import StepLoader, build_datasets, eval_batches
+from galore_ds.data import StepLoader, build_datasets, build_streaming, eval_batches
 from galore_ds.model import build_model, num_params, use_meta
 from galore_ds.train import checkpoint, faults
 from galore_ds.train.engine import Engine, make_engine
@@ -35,8 +35,14 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
 
     # ---- data -------------------------------------------------------------------------------
     with faults.data_errors(cfg):  # unreadable / empty / too small data: one-line error, exit 2
-        tok, train_ds, eval_ds = build_datasets(cfg.data, cfg.model.vocab_size)
-    loader = StepLoader(train_ds, t.global_batch, t.micro_batch, dist.rank, dist.world_size, cfg.data.seed)
+        if cfg.data.streamed:  # tokenized and packed while training (C4-sized sources)
+            tok, loader, eval_ds = build_streaming(cfg.data, cfg.model.vocab_size, t.global_batch, t.micro_batch,
+                                                   t.eval_batches, dist.rank, dist.world_size)
+            train_desc = "streamed"
+        else:
+            tok, train_ds, eval_ds = build_datasets(cfg.data, cfg.model.vocab_size)
+            loader = StepLoader(train_ds, t.global_batch, t.micro_batch, dist.rank, dist.world_size, cfg.data.seed)
+            train_desc = str(len(train_ds))
     evals = eval_batches(eval_ds, t.eval_batches, t.micro_batch, dist.rank, dist.world_size)
 
     # ---- model + engine ---------------------------------------------------------------------
@@ -64,7 +70,7 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log.write(f"{cfg.name}: {num_params(cfg.model) / 1e6:.2f}M params, engine={engine.name}, "
                   f"world={dist.world_size}, accumulation={cfg.accumulation(dist.world_size)}, "
-                  f"train={len(train_ds)} x {cfg.data.seq_len} tokens, eval={len(eval_ds)} seqs, "
+                  f"train={train_desc} x {cfg.data.seq_len} tokens, eval={len(eval_ds)} seqs, "
                   f"vocab={tok.vocab_size}")
 
     def save(step: int) -> Path:
