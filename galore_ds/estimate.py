@@ -41,6 +41,7 @@ CONFIG_OPTIMIZER = {"adamw": "adamw", "galore_adamw": "galore", "galore_adamw8bi
                     "galore_adafactor": "galore"}
 GIB = 2**30
 _BLOCK = 256
+_FOREACH_BATCH = 1 << 24   # galore_ds.optim.adamw._FOREACH_BATCH_NUMEL
 _MIN_8BIT = 4096
 
 
@@ -200,9 +201,11 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     if optimizer == "adamw":
         t = 2.0 * largest * wb                       # sqrt(v) and the denominator
     elif optimizer == "galore" and not layerwise:
-        # GaLoreAdamW updates a param group with foreach kernels: low-rank grads, sqrt(v) and
-        # m / denominator of the whole group exist at once (fp32); full-rank group in its dtype
-        t = max(3.0 * 4 * sum(lowrank), 2.0 * wb * sum(other))
+        # GaLoreAdamW updates a param group in foreach batches of <= 2^24 elements: the
+        # projected grads (fp32; measured: the allocator keeps every batch's pages) and one
+        # reused buffer for m / (sqrt(v) + eps); full-rank groups: sqrt(v) and m / denom
+        low = sum(lowrank)
+        t = max(4.0 * (low + min(low, _FOREACH_BATCH)), 2.0 * wb * sum(other))
     elif optimizer == "galore":
         t = max(2.0 * max_other * wb, 3.0 * big_low * 4)   # per-layer: one parameter at a time
     elif optimizer == "galore8bit":

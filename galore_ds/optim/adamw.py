@@ -82,9 +82,15 @@ class GaLoreAdamW(GaLoreOptimizer):
         torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, group["eps"])
-        normed_all = torch._foreach_div(exp_avgs, denoms)
+        # m / (sqrt(v) + eps) computed in place in a reused buffer: the same arithmetic as
+        # torch._foreach_div(m, torch._foreach_sqrt(v) + eps), without two fresh allocations per
+        # step (on CPU each is fresh mmap'd pages: 15% of a 60M step went to page faults).
+        normed_all = self._scratch_like(exp_avg_sqs)
+        torch._foreach_copy_(normed_all, exp_avg_sqs)
+        torch._foreach_sqrt_(normed_all)
+        torch._foreach_add_(normed_all, group["eps"])
+        for exp_avg, denom in zip(exp_avgs, normed_all):
+            torch.div(exp_avg, denom, out=denom)
         for item, normed in zip(items, normed_all):
             step = item.state["step"] + 1
             step_size = group["lr"]
@@ -94,6 +100,24 @@ class GaLoreAdamW(GaLoreOptimizer):
             self._apply_update(item, normed, -step_size)
             if group["weight_decay"] > 0.0:
                 item.param.add_(item.param, alpha=-group["lr"] * group["weight_decay"])
+
+    def _scratch_like(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views shaped like `tensors` into one buffer per (device, dtype), kept across steps
+        (at most _FOREACH_BATCH_NUMEL elements: a bigger batch, one huge full-rank tensor,
+        gets fresh tensors). Not optimizer state: never saved."""
+        total = sum(t.numel() for t in tensors)
+        key = (tensors[0].device, tensors[0].dtype)
+        if total > _FOREACH_BATCH_NUMEL or any((t.device, t.dtype) != key for t in tensors):
+            return [torch.empty_like(t) for t in tensors]
+        buffers = self.__dict__.setdefault("_scratch", {})
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < total:
+            buf = buffers[key] = torch.empty(total, device=key[0], dtype=key[1])
+        views, offset = [], 0
+        for t in tensors:
+            views.append(buf[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return views
 
     def _rotate_moments(self, state: dict, rot: torch.Tensor, side) -> None:
         # First moment is linear in the gradient: rotate exactly. The second moment is a
