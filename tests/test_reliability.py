@@ -314,8 +314,9 @@ def test_sigkill_during_saves_never_tears_a_checkpoint_and_resume_is_exact(tmp_p
     train(ref, DistEnv())
     a = torch.load(root / f"step-{steps:07d}" / "engine.pt", weights_only=True)
     b = torch.load(ref.checkpoint_dir / f"step-{steps:07d}" / "engine.pt", weights_only=True)
-    assert same(a["model"], b["model"]) and same(a["optimizer"], b["optimizer"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == steps
+    # the one-rank default engine (per-layer): weights, optimizer state, window and schedule
+    assert set(a) == {"model", "layerwise"} and same(a, b)
+    assert a["layerwise"]["lr_scheduler"]["last_epoch"] == b["layerwise"]["lr_scheduler"]["last_epoch"] == steps
     print(f"\n{TRIALS} SIGKILLs, {mid_save} inside a save, last checkpoint before the final run: step {last_done}")
 
 

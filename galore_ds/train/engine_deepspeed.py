@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from galore_ds.config import Config, DistEnv
+from galore_ds.train import faults
 from galore_ds.train.engine import Engine, StepResult
 from galore_ds.train.optim import build_optimizer, build_param_groups
 from galore_ds.train.scheduler import warmup_cosine
@@ -62,10 +64,15 @@ class DeepSpeedEngine(Engine):
         import galore_ds.distributed.deepspeed as dsg
 
         dsg.register()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            # mpirun: DeepSpeed's MPI discovery sets MASTER_PORT itself (from distributed_port)
-            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                       auto_mpi_discovery=True, verbose=False,
+            store = faults.elastic_store(self.world_size, timedelta(minutes=30))
+            if store is not None:  # a torchrun restart: this attempt's keys only (faults.py)
+                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                        store=store, timeout=timedelta(minutes=30))
+            # adopts the group above if any; mpirun: DeepSpeed's MPI discovery sets MASTER_PORT
+            # itself (from distributed_port)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
                                        distributed_port=int(os.environ.get("MASTER_PORT", "29500")))
         t = self.cfg.training
         optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg)
