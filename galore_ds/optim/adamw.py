@@ -12,14 +12,18 @@ from galore_ds.optim.base import GaLoreOptimizer, ParamItem, check_adam_hyperpar
 _FOREACH_BATCH_NUMEL = 1 << 24
 
 
-def _low_rank_numel(item: ParamItem) -> int:
-    """Elements of the gradient the rule sees: (m, r) or (r, n) for GaLore, else the param."""
+def _low_rank_shape(item: ParamItem) -> tuple[int, ...]:
+    """Shape of the gradient the rule sees: (m, r) or (r, n) for GaLore, else the param's."""
     if not item.galore:
-        return item.param.numel()
+        return tuple(item.param.shape)
     proj = item.state["proj"]
     if item.state["proj_right"]:       # proj (r, n): low-rank (m, r)
-        return item.param.shape[0] * proj.shape[0]
-    return proj.shape[1] * item.param.shape[1]  # proj (m, r): low-rank (r, n)
+        return (item.param.shape[0], proj.shape[0])
+    return (proj.shape[1], item.param.shape[1])  # proj (m, r): low-rank (r, n)
+
+
+def _low_rank_numel(item: ParamItem) -> int:
+    return math.prod(_low_rank_shape(item))
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -70,7 +74,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         (one C++ loop instead of a Python loop of small kernels; same arithmetic)."""
         group = items[0].group
         beta1, beta2 = group["betas"]
-        grads = [self._low_rank_grad(item) for item in items]
+        grads = self._low_rank_grads(items)
         for item, grad in zip(items, grads):
             if "exp_avg" not in item.state:
                 item.state["exp_avg"] = torch.zeros_like(
@@ -101,22 +105,50 @@ class GaLoreAdamW(GaLoreOptimizer):
             if group["weight_decay"] > 0.0:
                 item.param.add_(item.param, alpha=-group["lr"] * group["weight_decay"])
 
-    def _scratch_like(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views shaped like `tensors` into one buffer per (device, dtype), kept across steps
-        (at most _FOREACH_BATCH_NUMEL elements: a bigger batch, one huge full-rank tensor,
-        gets fresh tensors). Not optimizer state: never saved."""
-        total = sum(t.numel() for t in tensors)
-        key = (tensors[0].device, tensors[0].dtype)
-        if total > _FOREACH_BATCH_NUMEL or any((t.device, t.dtype) != key for t in tensors):
-            return [torch.empty_like(t) for t in tensors]
-        buffers = self.__dict__.setdefault("_scratch", {})
+    def _scratch(self, slot: str, shapes: list[tuple[int, ...]], device: torch.device,
+                 dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Views of `shapes` into one buffer per (slot, device, dtype), kept across steps, or
+        None for a batch over _FOREACH_BATCH_NUMEL elements (one huge full-rank tensor).
+        Fresh tensors would be fresh pages on CPU every step: page faults were 15% of a 60M
+        step. Not optimizer state: never saved."""
+        sizes = [math.prod(shape) for shape in shapes]
+        if sum(sizes) > _FOREACH_BATCH_NUMEL:
+            return None
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (slot, device, dtype)
         buf = buffers.get(key)
-        if buf is None or buf.numel() < total:
-            buf = buffers[key] = torch.empty(total, device=key[0], dtype=key[1])
+        if buf is None or buf.numel() < sum(sizes):
+            buf = buffers[key] = torch.empty(sum(sizes), device=device, dtype=dtype)
         views, offset = [], 0
-        for t in tensors:
-            views.append(buf[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
+        for shape, size in zip(shapes, sizes):
+            views.append(buf[offset:offset + size].view(shape))
+            offset += size
+        return views
+
+    def _scratch_like(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (tensors[0].device, tensors[0].dtype)
+        views = None
+        if all((t.device, t.dtype) == key for t in tensors):
+            views = self._scratch("normed", [tuple(t.shape) for t in tensors], *key)
+        return views if views is not None else [torch.empty_like(t) for t in tensors]
+
+    def _low_rank_grads(self, items: list[ParamItem]) -> list[torch.Tensor]:
+        """The batch's gradients in the rule's coordinates. fp32 GaLore matrices (the common
+        case) are projected straight into a reused buffer: the same matmul, no fresh tensor."""
+        fp32 = all(item.galore and item.lowrank_grad is None and item.grad.dtype == torch.float32
+                   and item.state["proj"].dtype == torch.float32 for item in items)
+        views = None
+        if fp32:
+            shapes = [_low_rank_shape(item) for item in items]
+            views = self._scratch("grad", shapes, items[0].grad.device, torch.float32)
+        if views is None:
+            return [self._low_rank_grad(item) for item in items]
+        for item, out in zip(items, views):
+            proj = item.state["proj"]
+            if item.state["proj_right"]:
+                torch.matmul(item.grad, proj.t(), out=out)
+            else:
+                torch.matmul(proj.t(), item.grad, out=out)
         return views
 
     def _rotate_moments(self, state: dict, rot: torch.Tensor, side) -> None:
