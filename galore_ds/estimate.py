@@ -201,11 +201,13 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     if optimizer == "adamw":
         t = 2.0 * largest * wb                       # sqrt(v) and the denominator
     elif optimizer == "galore" and not layerwise:
-        # GaLoreAdamW updates a param group in foreach batches of <= 2^24 elements: the
-        # projected grads (fp32; measured: the allocator keeps every batch's pages) and one
-        # reused buffer for m / (sqrt(v) + eps); full-rank groups: sqrt(v) and m / denom
-        low = sum(lowrank)
-        t = max(4.0 * (low + min(low, _FOREACH_BATCH)), 2.0 * wb * sum(other))
+        # GaLoreAdamW updates a param group in foreach batches of <= 2^24 elements, with one
+        # reused buffer for m / (sqrt(v) + eps). fp32 weights project into a second reused
+        # buffer; 16-bit weights get fresh fp32 projected grads (measured: the allocator keeps
+        # every batch's pages). Full-rank groups: sqrt(v) and m / denom.
+        low, batch = sum(lowrank), min(sum(lowrank), _FOREACH_BATCH)
+        projected = batch if wb == 4 else low
+        t = max(4.0 * (projected + batch), 2.0 * wb * sum(other))
     elif optimizer == "galore":
         t = max(2.0 * max_other * wb, 3.0 * big_low * 4)   # per-layer: one parameter at a time
     elif optimizer == "galore8bit":
