@@ -230,14 +230,20 @@ class LayerwiseOptimizer:
     def _skip_window(self) -> None:
         """A NaN/Inf gradient norm: drop the whole step. Weights, moments, projectors, step
         counts and the lr schedule stay as they were (refreshes of this window undone)."""
-        for p, saved in self._undo.items():
+        for p in list(self._undo):
+            self._undo_refresh(p)
+        for p in self._ready:
+            p.grad = None
+        self._ready = {}
+        self.skipped_steps += 1
+
+    def _undo_refresh(self, p: torch.Tensor) -> None:
+        """Put back the optimizer state `p` had before this window's refresh (if it had one)."""
+        saved = self._undo.pop(p, None)
+        if saved is not None:
             state = self.optimizer.state[p]
             state.clear()
             state.update(saved)
-        for p in self._ready:
-            p.grad = None
-        self._ready, self._undo = {}, {}
-        self.skipped_steps += 1
 
     def _global_sq(self, sq_low: torch.Tensor | None, sq_full: torch.Tensor | None) -> tuple[float, float]:
         """Squared norms of the window's gradient (low-rank view, full view) over all of it.
@@ -397,11 +403,7 @@ class LayerwiseOptimizer:
         if bool(torch.isfinite(sq)):
             self._undo.pop(p, None)
             return True
-        saved = self._undo.pop(p, None)
-        if saved is not None:
-            state = self.optimizer.state[p]
-            state.clear()
-            state.update(saved)
+        self._undo_refresh(p)
         p.grad = None
         self.nonfinite_params_skipped += 1
         return False
