@@ -25,7 +25,8 @@ CASES = ["layout", "owner_svd", "owner_svd_accum4_nosync", "owner_svd_accum4_syn
          "nonfinite_refresh",
          # per-layer mode (FSDPLayerwiseOptimizer: updates inside the FSDP2 backward)
          "layerwise_k1", "layerwise_k1_clip", "layerwise_k1_clip_delayed", "layerwise_k4", "layerwise_k4_clip",
-         "layerwise_k4_clip_nosync", "layerwise_nan_k1", "layerwise_nan_k4",
+         "layerwise_k4_clip_nosync", "layerwise_subspace_k1_clip", "layerwise_subspace_k4",
+         "layerwise_nan_k1", "layerwise_nan_k4",
          "layerwise_refuses_hsdp", "engine_layerwise_vs_single", "layerwise_nan_rows_immediate"]
 
 

@@ -359,13 +359,14 @@ LW_CLIP = {1: 0.5, 4: 0.3}  # per accumulation: clips some steps, not all (asser
 
 def run_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: float | None,
                   sync_each: bool = True, nan_at: tuple[int, int] | None = None, lr: float = 1e-2,
-                  timing: str = "exact"):
+                  timing: str = "exact", refresh_mode: str = "owner", refresh: str = "svd"):
     """FSDP2 + FSDPLayerwiseOptimizer: updates inside backward. nan_at=(step, rank): that
     rank's targets are NaN at that step (its loss is NaN). Returns (model, opt, lw, log)
     with per-step helper-collective counts, grad norm and clip coefficient."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = shard_model(make_model())
-    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=gap), lr=lr)
+    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=gap, refresh=refresh), lr=lr,
+                          refresh_mode=refresh_mode)
     lw = FSDPLayerwiseOptimizer(opt, accumulation_steps=accum, max_grad_norm=clip,
                                 clip_norm="full" if accum == 1 else "lowrank", clip_timing=timing)
     local = bsz // world
@@ -389,14 +390,14 @@ def run_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: float | N
 
 
 def reference_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: float | None,
-                        lr: float = 1e-2, timing: str = "exact"):
+                        lr: float = 1e-2, timing: str = "exact", refresh: str = "svd"):
     """The unsharded model on every global micro-batch, with the single-process reference
     for these settings: k=1: GaLoreAdamW(proj_type='right') after clip_grad_norm_ (norms =
     its return values); k>1 with clipping: the single-process LayerwiseOptimizer (itself tested
     against the plain optimizer); k>1 without: the plain optimizer on the k*bsz batch;
     delayed clipping: the single-process LayerwiseOptimizer too."""
     model = make_model()
-    opt = GaLoreAdamW(groups(model, update_proj_gap=gap, proj_type="right"), lr=lr)
+    opt = GaLoreAdamW(groups(model, update_proj_gap=gap, proj_type="right", refresh=refresh), lr=lr)
     if clip is not None and (accum > 1 or timing == "delayed"):
         lw = LayerwiseOptimizer(opt, accumulation_steps=accum, max_grad_norm=clip,
                                 clip_norm="full" if accum == 1 else "lowrank", clip_timing=timing)
@@ -409,7 +410,7 @@ def reference_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: flo
             norms.append(lw.full_grad_norm if accum == 1 else lw.grad_norm)
         return model, opt, norms
     if accum > 1:
-        ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, lr=lr)
+        ref, ref_opt = reference(steps=steps, gap=gap, bsz=bsz, accum=accum, lr=lr, refresh=refresh)
         return ref, ref_opt, None
     norms = []
     for step in range(steps):
@@ -423,14 +424,19 @@ def reference_layerwise(*, steps: int, gap: int, bsz: int, accum: int, clip: flo
 
 
 def case_layerwise(world: int, accum: int = 1, clip: float | None = None, sync_each: bool = True,
-                   timing: str = "exact") -> dict:
+                   timing: str = "exact", refresh_mode: str = "owner") -> dict:
     """Per-layer FSDP (hooks inside backward) equals the single-process reference; one 2-float
-    all-reduce per step, plus 2 owner collectives per refreshed matrix (3 GaLore matrices)."""
+    all-reduce per step, plus per refreshed matrix (3 GaLore matrices) 2 owner collectives, or
+    with refresh_mode="subspace" one all-reduce per warm refresh (the first refresh is the
+    owner's exact SVD). Subspace refresh is compared with its single-process equivalent, the
+    core's randomized (warm subspace iteration) refresh."""
     steps, gap, bsz = LW_STEPS, LW_GAP, LW_BSZ
+    refresh = "randomized" if refresh_mode == "subspace" else "svd"
     model, opt, lw, log = run_layerwise(steps=steps, gap=gap, bsz=bsz, accum=accum, clip=clip,
-                                        sync_each=sync_each, timing=timing)
+                                        sync_each=sync_each, timing=timing, refresh_mode=refresh_mode,
+                                        refresh=refresh)
     ref, ref_opt, ref_norms = reference_layerwise(steps=steps, gap=gap, bsz=bsz, accum=accum, clip=clip,
-                                                  timing=timing)
+                                                  timing=timing, refresh=refresh)
     diff = rel_diff(model, ref)
     norms = [e["full_grad_norm"] if accum == 1 else e["grad_norm"] for e in log]
     norm_diff = 0.0
@@ -446,7 +452,9 @@ def case_layerwise(world: int, accum: int = 1, clip: float | None = None, sync_e
     # refreshes are counted by the owner's _set_projector on every rank: 3 matrices each time
     assert opt.galore_stats["refreshes"] == ref_opt.galore_stats["refreshes"] == 3 * len(refr), out
     calls = [e["calls"] for e in log]
-    assert all(c == (1 + 2 * 3 if s in refr else 1) for s, c in enumerate(calls)), calls
+    first = min(refr)
+    per_matrix = {s: 2 if refresh_mode == "owner" or s == first else 1 for s in refr}
+    assert all(c == (1 + per_matrix[s] * 3 if s in refr else 1) for s, c in enumerate(calls)), calls
     if clip is not None:  # the threshold is chosen so that clipping is active in some steps only
         assert any(c < 1.0 for c in coefs) and any(c == 1.0 for c in coefs), coefs
     else:
@@ -583,6 +591,8 @@ CASES = {
     "layerwise_k4": lambda w: case_layerwise(w, accum=4),
     "layerwise_k4_clip": lambda w: case_layerwise(w, accum=4, clip=LW_CLIP[4]),
     "layerwise_k4_clip_nosync": lambda w: case_layerwise(w, accum=4, clip=LW_CLIP[4], sync_each=False),
+    "layerwise_subspace_k1_clip": lambda w: case_layerwise(w, clip=LW_CLIP[1], refresh_mode="subspace"),
+    "layerwise_subspace_k4": lambda w: case_layerwise(w, accum=4, refresh_mode="subspace"),
     "layerwise_nan_k1": lambda w: case_layerwise_nan(w),
     "layerwise_nan_k4": lambda w: case_layerwise_nan(w, accum=4),
     "layerwise_refuses_hsdp": case_layerwise_refuses_hsdp,
