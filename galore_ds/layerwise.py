@@ -203,14 +203,14 @@ class LayerwiseOptimizer:
                 self._skip_window()
                 return True
             norm = self.full_grad_norm if self.clip_norm == "full" else self.grad_norm
+            # torch's clip_grad_norm_ formula
+            coef = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm is not None else 1.0
             if not self.deferred:  # updates already ran, with the previous step's coefficient
                 self.clip_coef = self._immediate_coef()
-                if self.max_grad_norm is not None and finite:
-                    self._next_coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-            elif self.max_grad_norm is not None:
-                self.clip_coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+                if finite:
+                    self._next_coef = coef
             else:
-                self.clip_coef = 1.0
+                self.clip_coef = coef
             for p, lowrank in self._ready.items():
                 self._apply(p, lowrank, self.clip_coef)
             self._ready = {}

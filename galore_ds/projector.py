@@ -62,11 +62,12 @@ def choose_side(global_shape: tuple[int, ...], proj_type: str) -> Side:
     return "left" if wide_right else "right"
 
 
-def project(grad: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
-    """Low-rank gradient: G Q^T (right) or P^T G (left)."""
+def project(grad: torch.Tensor, proj: torch.Tensor, side: Side,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Low-rank gradient: G Q^T (right) or P^T G (left), into `out` when given."""
     if side == "right":
-        return grad @ proj.t()
-    return proj.t() @ grad
+        return torch.matmul(grad, proj.t(), out=out)
+    return torch.matmul(proj.t(), grad, out=out)
 
 
 def project_back(update: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:

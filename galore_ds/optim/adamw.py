@@ -6,7 +6,10 @@ from typing import Iterable
 
 import torch
 
-from galore_ds.optim.base import GaLoreOptimizer, ParamItem, check_adam_hyperparameters, rotate_low_rank
+from galore_ds import projector as pj
+from galore_ds.optim.base import (
+    GaLoreOptimizer, ParamItem, check_adam_hyperparameters, rotate_low_rank, side_of,
+)
 
 
 _FOREACH_BATCH_NUMEL = 1 << 24
@@ -86,9 +89,8 @@ class GaLoreAdamW(GaLoreOptimizer):
         torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        # m / (sqrt(v) + eps) computed in place in a reused buffer: the same arithmetic as
-        # torch._foreach_div(m, torch._foreach_sqrt(v) + eps), without two fresh allocations per
-        # step (on CPU each is fresh mmap'd pages: 15% of a 60M step went to page faults).
+        # m / (sqrt(v) + eps) in place in a reused buffer (see _scratch): the same arithmetic
+        # as torch._foreach_div(m, torch._foreach_sqrt(v) + eps)
         normed_all = self._scratch_like(exp_avg_sqs)
         torch._foreach_copy_(normed_all, exp_avg_sqs)
         torch._foreach_sqrt_(normed_all)
@@ -144,11 +146,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         if views is None:
             return [self._low_rank_grad(item) for item in items]
         for item, out in zip(items, views):
-            proj = item.state["proj"]
-            if item.state["proj_right"]:
-                torch.matmul(item.grad, proj.t(), out=out)
-            else:
-                torch.matmul(proj.t(), item.grad, out=out)
+            pj.project(item.grad, item.state["proj"], side_of(item.state), out=out)
         return views
 
     def _rotate_moments(self, state: dict, rot: torch.Tensor, side) -> None:
