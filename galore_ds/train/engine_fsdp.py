@@ -41,12 +41,8 @@ from torch import nn
 
 from galore_ds.config import Config, ConfigError, DistEnv
 from galore_ds.distributed.common import COMM
-from galore_ds.distributed.fsdp import (
-    FSDPGaLoreAdamW,
-    FSDPGaLoreAdamW8bit,
-    dcp_load,
-    dcp_state_dict,
-)
+from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit
+from galore_ds.distributed.fsdp_checkpoint import dcp_load, dcp_state_dict
 from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer
 from galore_ds.model import DTYPES
 from galore_ds.train import faults

@@ -249,7 +249,7 @@ def case_dcp_save(world: int) -> dict:
         return {"skipped": "saves on 2 ranks"}
     import torch.distributed.checkpoint as dcp
 
-    from galore_ds.distributed.fsdp import dcp_state_dict
+    from galore_ds.distributed.fsdp_checkpoint import dcp_state_dict
 
     model, opt, _ = run_training(steps=CKPT_STEPS, gap=CKPT_GAP, bsz=12)
     dcp.save(dcp_state_dict(model, opt), checkpoint_id=CKPT_DIR)
@@ -261,7 +261,7 @@ def case_dcp_load(world: int) -> dict:
     uninterrupted single-process run of 8 steps."""
     if world != 3 or not CKPT_DIR:
         return {"skipped": "loads on 3 ranks"}
-    from galore_ds.distributed.fsdp import dcp_load
+    from galore_ds.distributed.fsdp_checkpoint import dcp_load
 
     model = shard_model(make_model(seed=123))  # different init: the load must overwrite it
     opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=CKPT_GAP), lr=1e-2)
