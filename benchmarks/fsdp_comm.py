@@ -8,6 +8,8 @@ h x h; gate, up: i x h; down: h x i), fully_shard per block, batch 8 per rank. O
   galore_subspace  FSDPGaLoreAdamW, refresh_mode=subspace, refresh=randomized
   adamw            torch.optim.AdamW on the same FSDP2 model (no GaLore)
   galore_torch     galore-torch 1.0 GaLoreAdamW handed the DTensor parameters
+  galore_adafactor FSDPGaLoreAdafactor (owner refresh; one statistics all-reduce per step)
+  galore_torch_adafactor  galore-torch 1.0 GaLoreAdafactor handed the DTensor parameters
 For each: collectives and bytes issued by optimizer.step() on a refresh step and between
 refreshes (torch.distributed calls counted by wrapping, plus CommDebugMode, which also sees
 DTensor's implicit collectives), step time (max over ranks), optimizer state bytes per rank.
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from galore_ds.distributed.common import COMM, count_collectives  # noqa: E402
-from galore_ds.distributed.fsdp import FSDPGaLoreAdamW  # noqa: E402
+from galore_ds.distributed.fsdp import FSDPGaLoreAdafactor, FSDPGaLoreAdamW  # noqa: E402
 
 
 class Block(nn.Module):
@@ -74,6 +76,13 @@ def make_opt(name, model, args):
         from galore_torch import GaLoreAdamW
 
         return GaLoreAdamW([dict(g, proj_type="std"), dict(params=rest)], lr=1e-3)
+    adafactor = dict(lr=1e-3, relative_step=False, scale_parameter=False)
+    if name == "galore_adafactor":
+        return FSDPGaLoreAdafactor([g, dict(params=rest)], **adafactor)
+    if name == "galore_torch_adafactor":
+        from galore_torch import GaLoreAdafactor
+
+        return GaLoreAdafactor([dict(g, proj_type="std"), dict(params=rest)], **adafactor)
     raise ValueError(name)
 
 
@@ -149,7 +158,8 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--gap", type=int, default=4)
-    ap.add_argument("--only", nargs="*", default=["galore_owner", "galore_subspace", "adamw", "galore_torch"])
+    ap.add_argument("--only", nargs="*", default=["galore_owner", "galore_subspace", "adamw", "galore_torch",
+                                                  "galore_adafactor", "galore_torch_adafactor"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

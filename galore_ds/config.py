@@ -489,9 +489,6 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     _choice("engine.fsdp.param_dtype", e.fsdp.param_dtype, DTYPES)
     _choice("engine.fsdp.reduce_dtype", e.fsdp.reduce_dtype, DTYPES)
     _positive("engine.fsdp.replicate", e.fsdp.replicate)
-    if e.fsdp.layerwise and e.fsdp.replicate > 1:
-        raise ConfigError("engine.fsdp.layerwise", f"per-layer mode does not support HSDP (replicate={e.fsdp.replicate})",
-                          "set engine.fsdp.replicate=1, or engine.fsdp.layerwise=false")
     if e.fsdp.layerwise and t.optimizer == "adamw":
         raise ConfigError("engine.fsdp.layerwise", "training.optimizer=adamw has no per-layer mode",
                           "use galore_adamw or galore_adamw8bit (galore.enabled=false gives their full-rank rule)")

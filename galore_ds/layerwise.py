@@ -346,7 +346,7 @@ class LayerwiseOptimizer:
             # Mid-window, projector fixed for this step: keep only the projected gradient.
             opt = self.optimizer
             param, grad = opt._local(p)
-            item = ParamItem(param, grad, opt.state[p], self._group(self._meta[p]), True)
+            item = ParamItem(param, grad, opt.state[p], self._group(self._meta[p]), True, source=p)
             low = opt._low_rank_grad(item).to(self.accum_dtype)
             if p in self._acc:
                 self._acc[p].add_(low)
@@ -372,7 +372,7 @@ class LayerwiseOptimizer:
             return
         low = acc
         if grad is not None:
-            item = ParamItem(param, grad, state, self._group(meta), True)
+            item = ParamItem(param, grad, state, self._group(meta), True, source=p)
             if self._refreshing(p):
                 group = self._group(meta)
                 reset = group["moments"] == "reset"  # the only policy that edits in place
@@ -416,11 +416,11 @@ class LayerwiseOptimizer:
         if meta.galore:
             if coef != 1.0:
                 low.mul_(coef)
-            item = ParamItem(param, low, state, self._group(meta), True, lowrank_grad=low)
+            item = ParamItem(param, low, state, self._group(meta), True, lowrank_grad=low, source=p)
         else:
             if coef != 1.0:
                 grad.mul_(coef)
-            item = ParamItem(param, grad, state, self._group(meta), False)
+            item = ParamItem(param, grad, state, self._group(meta), False, source=p)
         opt._update_items([item])   # one parameter: the rule's temporaries stay one matrix big
         state["step"] += 1
         p.grad = None

@@ -23,11 +23,19 @@ CASES = ["layout", "owner_svd", "owner_svd_accum4_nosync", "owner_svd_accum4_syn
          "owner_randomized", "subspace", "stagger", "owner_reproject", "adamw8bit_smoke",
          "hsdp_2x2", "dcp_save_2", "dcp_load_3", "engine_vs_single", "engine_hsdp_vs_single",
          "nonfinite_refresh",
+         # GaLoreAdamW8bit checkpoints: saved on 2 ranks, loaded on 3; same-size round trip
+         "dcp8bit_save_2", "dcp8bit_load_3", "dcp8bit_roundtrip", "engine8bit_save_2", "engine8bit_load_3",
          # per-layer mode (FSDPLayerwiseOptimizer: updates inside the FSDP2 backward)
          "layerwise_k1", "layerwise_k1_clip", "layerwise_k1_clip_delayed", "layerwise_k4", "layerwise_k4_clip",
          "layerwise_k4_clip_nosync", "layerwise_subspace_k1_clip", "layerwise_subspace_k4",
          "layerwise_nan_k1", "layerwise_nan_k4",
-         "layerwise_refuses_hsdp", "engine_layerwise_vs_single", "layerwise_nan_rows_immediate"]
+         "layerwise_refuses_optimizer_replicas", "engine_layerwise_vs_single", "layerwise_nan_rows_immediate",
+         "layerwise_hsdp_2x2_k1_clip", "layerwise_hsdp_2x2_k4_clip", "engine_layerwise_hsdp_vs_single",
+         # GaLoreAdafactor: exact, one statistics all-reduce per step
+         "adafactor_owner", "adafactor_owner_plain", "adafactor_owner_accum4", "adafactor_subspace",
+         "adafactor_hsdp_2x2",
+         "adafactor_layerwise_k1", "adafactor_layerwise_k1_clip", "adafactor_layerwise_k4_clip",
+         "adafactor_nan_immediate", "adafactor_dcp_save_2", "adafactor_dcp_load_3", "engine_adafactor_vs_single", "engine_layerwise_adafactor_vs_single"]
 
 
 def _free_port() -> int:
@@ -82,8 +90,12 @@ def test_fsdp_case(world, case, tmp_path_factory):
         r = res[case]
         assert r["ok"], f"rank {rank}: {r.get('error')}\n{r.get('trace')}"
     expected_runs = {"hsdp_2x2": 4, "dcp_save_2": 2, "dcp_load_3": 3, "engine_vs_single": 2,
-                      "engine_hsdp_vs_single": 4, "layerwise_refuses_hsdp": 4,
-                     "engine_layerwise_vs_single": 2}.get(case, world)
+                     "dcp8bit_save_2": 2, "dcp8bit_load_3": 3, "engine8bit_save_2": 2, "engine8bit_load_3": 3,
+                      "engine_hsdp_vs_single": 4, "layerwise_refuses_optimizer_replicas": 4,
+                     "layerwise_hsdp_2x2_k1_clip": 4, "layerwise_hsdp_2x2_k4_clip": 4,
+                     "engine_layerwise_hsdp_vs_single": 4,
+                     "engine_layerwise_vs_single": 2, "engine_adafactor_vs_single": 2, "adafactor_dcp_save_2": 2, "adafactor_dcp_load_3": 3, "adafactor_hsdp_2x2": 4,
+                     "engine_layerwise_adafactor_vs_single": 2}.get(case, world)
     skipped = "skipped" in report["ranks"][0][case]
     assert skipped == (world != expected_runs), report["ranks"][0][case]
     if not skipped and "rel_diff" in report["ranks"][0][case] and case != "adamw8bit_smoke":

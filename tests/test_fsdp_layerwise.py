@@ -20,7 +20,7 @@ from recipes import tiny_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recipe_key_defaults_off_and_refuses_hsdp_and_adamw(tmp_path):
+def test_recipe_key_defaults_off_accepts_hsdp_refuses_adamw(tmp_path):
     base = tiny_recipe(tmp_path, str(tmp_path / "cache"), engine__mode="fsdp")
     assert validate(from_dict(base), DistEnv()).engine.fsdp.layerwise is False
     on = tiny_recipe(tmp_path, str(tmp_path / "cache"), engine__mode="fsdp",
@@ -28,8 +28,7 @@ def test_recipe_key_defaults_off_and_refuses_hsdp_and_adamw(tmp_path):
     assert validate(from_dict(on), DistEnv()).engine.fsdp.layerwise is True
     hsdp = tiny_recipe(tmp_path, str(tmp_path / "cache"), engine__mode="fsdp",
                        engine__fsdp={"layerwise": True, "replicate": 2})
-    with pytest.raises(ConfigError, match="HSDP"):
-        validate(from_dict(hsdp), DistEnv())
+    assert validate(from_dict(hsdp), DistEnv(world_size=2)).engine.fsdp.replicate == 2  # 2-D mesh
     adamw = tiny_recipe(tmp_path, str(tmp_path / "cache"), engine__mode="fsdp",
                         engine__fsdp={"layerwise": True}, training__optimizer="adamw",
                         galore__enabled=False)
@@ -44,6 +43,21 @@ def test_needs_an_fsdp_optimizer():
     w = torch.nn.Parameter(torch.randn(6, 4))
     with pytest.raises(TypeError, match="FSDPGaLoreAdamW"):
         FSDPLayerwiseOptimizer(GaLoreAdamW([dict(params=[w], rank=2)], lr=0.01))
+
+
+def test_fsdp_engine_builds_adafactor():
+    """training.optimizer=galore_adafactor on the fsdp engine is FSDPGaLoreAdafactor, with the
+    recipe's fixed-lr settings (exactness: tests/dist/fsdp_cases.py adafactor_* cases)."""
+    from galore_ds.distributed.fsdp import FSDPGaLoreAdafactor
+    from galore_ds.train.engine_fsdp import FSDP_OPTIMIZERS
+    from galore_ds.train.optim import build_optimizer
+
+    cfg = from_dict({"training": {"optimizer": "galore_adafactor", "lr": 0.003}})
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    opt = build_optimizer([dict(params=[w], rank=2)], cfg, classes=FSDP_OPTIMIZERS)
+    assert type(opt) is FSDPGaLoreAdafactor
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.003 and not group["relative_step"] and not group["scale_parameter"]
 
 
 @pytest.mark.slow

@@ -23,6 +23,10 @@ Refresh (every update_proj_gap steps), for all due matrices at once:
     refresh (no basis to warm-start from) is an owner-path exact SVD, as in the single-
     process optimizer with refresh="randomized", which it equals.
 
+GaLoreAdafactor (FSDPGaLoreAdafactor) is the one exception to "no collective between
+refreshes": its rule normalises by whole-matrix statistics, so each step does one all-reduce
+of O(r) floats per matrix (see the class).
+
 HSDP (replicate x shard): pass `replicate_group` and fully_shard the model on the shard
 mesh only. Gradients are then averaged over replicas by the optimizer in low rank: the
 projected gradients R_i (m_i x r) and the non-GaLore gradients go in ONE all-reduce per
@@ -31,6 +35,7 @@ all-reduce on refresh steps.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from typing import Any, Iterable
@@ -48,7 +53,7 @@ from galore_ds.distributed.common import (
     share_from_owners,
     svd_cost,
 )
-from galore_ds.optim.adafactor import GaLoreAdafactor
+from galore_ds.optim.adafactor import GaLoreAdafactor, factored_direction
 from galore_ds.optim.adamw import GaLoreAdamW
 from galore_ds.optim.adamw8bit import GaLoreAdamW8bit
 from galore_ds.optim.base import ParamItem, RefreshJob
@@ -141,11 +146,6 @@ class FSDPGaLoreMixin:
                  replicate_group: dist.ProcessGroup | None = None, **kwargs: Any) -> None:
         if refresh_mode not in REFRESH_MODES:
             raise ValueError(f"refresh_mode={refresh_mode!r}: expected one of {REFRESH_MODES}")
-        if isinstance(self, GaLoreAdafactor):
-            raise NotImplementedError(
-                "GaLoreAdafactor on row shards is not communication-free (its factored second "
-                "moment and update RMS average over all rows): use FSDPGaLoreAdamW(8bit)"
-            )
         self.refresh_mode = refresh_mode
         self.replicate_group = replicate_group
         self._index_params: list[torch.Tensor] = []
@@ -292,8 +292,8 @@ class FSDPGaLoreMixin:
                 item.lowrank_grad = part.reshape(low.shape).to(low.dtype)
                 if not item.galore:
                     item.grad = item.lowrank_grad
+        self._update_items(items)
         for item in items:
-            self._update(item)
             item.state["step"] += 1
         return loss
 
@@ -307,13 +307,98 @@ class FSDPGaLoreAdamW8bit(FSDPGaLoreMixin, GaLoreAdamW8bit):
     local m_i x r moments), so it is not bitwise equal to a single-process run."""
 
 
+class FSDPGaLoreAdafactor(FSDPGaLoreMixin, GaLoreAdafactor):
+    """GaLoreAdafactor for FSDP2 parameters, equal to the single-process optimizer.
+
+    Unlike Adam, Adafactor normalises by statistics of the whole matrix: the column means of
+    the squared (low-rank) gradient, the mean of the row statistic, RMS(update) for update
+    clipping and RMS(weight). On row shards each rank computes its partial sums and ONE
+    all-reduce per step sums them for every row-sharded tensor at once: 2c + 2 floats for a
+    matrix whose rule sees c columns (c = r for GaLore matrices), 2 floats for a vector,
+    a few KB for a whole model. RMS(update) comes from the same all-reduce, since
+    sum(update^2) = mean(row) * sum_j S_j / col_j with S_j = sum_i grad_ij^2 / row_i.
+    A non-finite sum drops that tensor's update on every rank (counted in
+    galore_stats["nonfinite_update_skipped"]); no rank writes NaN into its rows.
+    """
+
+    #: the update itself is a collective: every rank must call it for every parameter
+    collective_update = True
+
+    def __init__(self, params: Iterable, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.galore_stats["nonfinite_update_skipped"] = 0
+
+    def _update_items(self, items: list[ParamItem]) -> None:
+        sharded: dict[Any, list[ParamItem]] = defaultdict(list)
+        for item in items:
+            info = row_shard_info(item.source) if item.source is not None else None
+            if info is None:
+                self._update(item)  # whole tensor here: the single-process rule
+            else:
+                sharded[info[0]].append(item)
+        for pg, group_items in sharded.items():  # same groups, same order on every rank
+            self._sharded_updates(pg, group_items)
+
+    def _sharded_updates(self, pg: dist.ProcessGroup, items: list[ParamItem]) -> None:
+        partial, pending = [], []
+        for item in items:
+            group, state = item.group, item.state
+            grad = self._rule_grad(item)
+            self._init_state(state, grad, group)
+            step = state["step"] + 1
+            beta2t = 1.0 - math.pow(step, group["decay_rate"])
+            grad_sq = grad.square()
+            sq = grad_sq + group["eps"][0]
+            weight_sq = torch.linalg.vector_norm(item.param, dtype=torch.float32).square()
+            # The new row/vector statistics are local; they are written to the state only
+            # once the sums are known to be finite.
+            if grad.dim() >= 2:
+                row = state["exp_avg_sq_row"].mul(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+                partial += [sq.sum(dim=-2), (grad_sq / row.unsqueeze(-1)).sum(dim=-2),
+                            row.sum().reshape(1), weight_sq.reshape(1)]
+                pending.append((item, grad, step, beta2t, row, None))
+            else:
+                v = state["exp_avg_sq"].mul(beta2t).add_(sq, alpha=1.0 - beta2t)
+                update = v.rsqrt().mul_(grad)
+                partial += [update.square().sum().reshape(1), weight_sq.reshape(1)]
+                pending.append((item, grad, step, beta2t, v, update))
+        flat = torch.cat(partial)
+        dist.all_reduce(flat, group=pg)
+        COMM.record("adafactor_stats", flat.numel() * flat.element_size())
+        all_finite = bool(torch.isfinite(flat).all())
+        offset = 0
+        for item, grad, step, beta2t, stat, update in pending:
+            cols = grad.shape[-1] if update is None else 0
+            sums = flat[offset:offset + 2 * cols + 2]
+            offset += 2 * cols + 2
+            if not all_finite and not bool(torch.isfinite(sums).all()):
+                self.galore_stats["nonfinite_update_skipped"] += 1
+                continue
+            state, shape = item.state, item.source.shape
+            state["RMS"] = (sums[-1] / item.source.numel()).sqrt()
+            if update is None:
+                rows = shape[0]
+                col = state["exp_avg_sq_col"]
+                col.mul_(beta2t).add_(sums[:cols] / rows, alpha=1.0 - beta2t)
+                state["exp_avg_sq_row"].copy_(stat)
+                row_mean = sums[-2:-1] / rows
+                update = factored_direction(grad, stat, row_mean, col)
+                update_sq = row_mean * (sums[cols:2 * cols] / col).sum()
+                update_rms = (update_sq / (rows * cols)).sqrt()
+            else:
+                state["exp_avg_sq"].copy_(stat)
+                update_rms = (sums[0] / item.source.numel()).sqrt()
+            self._finish(item, update, update_rms, step)
+
+
 _BY_NAME = {"adamw": FSDPGaLoreAdamW, "galoreadamw": FSDPGaLoreAdamW,
-            "adamw8bit": FSDPGaLoreAdamW8bit, "galoreadamw8bit": FSDPGaLoreAdamW8bit}
+            "adamw8bit": FSDPGaLoreAdamW8bit, "galoreadamw8bit": FSDPGaLoreAdamW8bit,
+            "adafactor": FSDPGaLoreAdafactor, "galoreadafactor": FSDPGaLoreAdafactor}
 
 
 def fsdp_optimizer(name: str, params: Iterable, **kwargs: Any):
-    """Build the FSDP2 GaLore optimizer by name ("adamw" | "adamw8bit")."""
+    """Build the FSDP2 GaLore optimizer by name ("adamw" | "adamw8bit" | "adafactor")."""
     key = name.lower().replace("_", "").replace("-", "")
     if key not in _BY_NAME:
-        raise ValueError(f"optimizer {name!r} on FSDP2: expected one of adamw, adamw8bit")
+        raise ValueError(f"optimizer {name!r} on FSDP2: expected one of adamw, adamw8bit, adafactor")
     return _BY_NAME[key](params, **kwargs)

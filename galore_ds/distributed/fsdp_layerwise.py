@@ -41,8 +41,12 @@ rank's refresh schedule (and collectives) stays aligned; see `_finite_or_restore
 Numbers equal the single-process `LayerwiseOptimizer` over an unsharded model with a
 `GaLoreAdamW(proj_type="right")` on the same global micro-batches (tests/dist/fsdp_cases.py).
 
-Not supported: HSDP (replicas; the low-rank replica all-reduce of fsdp.py is a step-time
-collective, and FSDP2's own 2-D mesh is untested here): ValueError.
+HSDP: fully_shard on FSDP2's own 2-D (replicate, shard) mesh. FSDP2 then all-reduces each
+gradient shard over the replicas right after its reduce-scatter and before the hook, so the
+hook sees the replica-averaged rows; the norm and refresh collectives run over the shard
+group only (replicas hold identical values and compute identical updates). The optimizer's
+own low-rank replica all-reduce (fsdp.py, `replicate_group`) is a step-time collective and is
+refused here: per-layer HSDP moves full gradient shards between replicas, as FSDP2 does.
 """
 from __future__ import annotations
 
@@ -57,30 +61,14 @@ from galore_ds.layerwise import LayerwiseOptimizer
 from galore_ds.optim.base import GaLoreOptimizer, RefreshJob
 
 
-def _replicated_dims(p: torch.Tensor) -> int:
-    """Mesh dims of size > 1 over which DTensor `p` is replicated (HSDP's replica dim)."""
-    placements = getattr(p, "placements", None)
-    if placements is None:
-        return 0
-    from torch.distributed.tensor import Replicate
-
-    mesh = p.device_mesh
-    return sum(1 for d, pl in enumerate(placements) if isinstance(pl, Replicate) and mesh.size(d) > 1)
-
-
 def _shard_group(params: list[torch.Tensor]) -> dist.ProcessGroup | None:
     """The one process group every parameter is row-sharded over (None: nothing sharded).
 
-    The norm all-reduce sums every parameter's squares once per rank, which is exact only when
-    each parameter is split over that same group with no replicas."""
+    The norm all-reduce sums every parameter's squares once per shard, which is exact only when
+    each parameter is split over that same group (replicas, if any, hold the same rows)."""
     group, ranks = None, None
     unsharded = 0
     for p in params:
-        if _replicated_dims(p):
-            raise ValueError(
-                "FSDPLayerwiseOptimizer: a parameter is replicated over a mesh dim (HSDP); "
-                "per-layer mode supports plain FSDP2 (one shard mesh) only"
-            )
         info = row_shard_info(p)
         if info is None:
             unsharded += 1
@@ -105,22 +93,23 @@ def _shard_group(params: list[torch.Tensor]) -> dist.ProcessGroup | None:
 class FSDPLayerwiseOptimizer(LayerwiseOptimizer):
     """`LayerwiseOptimizer` for FSDP2 row-sharded parameters (see the module docstring).
 
-    Args: as `LayerwiseOptimizer`; `optimizer` must be an FSDPGaLoreAdamW(8bit) without
-    `replicate_group` (HSDP is refused).
+    Args: as `LayerwiseOptimizer`; `optimizer` must be an FSDP GaLore optimizer (fsdp.py) without
+    `replicate_group` (for HSDP, shard on a 2-D mesh instead).
     """
 
     def __init__(self, optimizer: GaLoreOptimizer, *args: Any, **kwargs: Any) -> None:
         if not isinstance(optimizer, FSDPGaLoreMixin):
             raise TypeError(
-                f"FSDPLayerwiseOptimizer needs FSDPGaLoreAdamW or FSDPGaLoreAdamW8bit, got "
+                f"FSDPLayerwiseOptimizer needs FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit or "
+                f"FSDPGaLoreAdafactor, got "
                 f"{type(optimizer).__name__}"
             )
         rep = getattr(optimizer, "replicate_group", None)
         if rep is not None and dist.get_world_size(rep) > 1:
             raise ValueError(
-                "FSDPLayerwiseOptimizer: HSDP (optimizer replicate_group with more than one "
-                "replica) is not supported in per-layer mode; use plain FSDP2 or the step-time "
-                "FSDP optimizer"
+                "FSDPLayerwiseOptimizer: the optimizer's replicate_group (low-rank replica "
+                "all-reduce at step time) does not apply inside backward; for HSDP, fully_shard "
+                "on the 2-D (replicate, shard) mesh and build the optimizer without replicate_group"
             )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.shard_group = _shard_group(params)
@@ -160,8 +149,11 @@ class FSDPLayerwiseOptimizer(LayerwiseOptimizer):
         ranks may hold finite rows of the same matrix and update them, and every rank must
         keep the same refresh schedule and Q, or the next refresh's collectives would not
         match. (Deferred mode decides on the all-reduced norm instead: whole step, all ranks.)
-        `sq` is this rank's squared gradient norm (non-finite iff a NaN/Inf is present)."""
-        if bool(torch.isfinite(sq)):
+        `sq` is this rank's squared gradient norm (non-finite iff a NaN/Inf is present).
+        An optimizer whose update is itself a collective (FSDPGaLoreAdafactor) must run it on
+        every rank: its all-reduced statistics carry the NaN to all ranks, and it drops this
+        matrix's update everywhere."""
+        if bool(torch.isfinite(sq)) or getattr(self.optimizer, "collective_update", False):
             self._undo.pop(p, None)
             return True
         self._undo.pop(p, None)

@@ -15,6 +15,13 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.norm(2) / (t.numel() ** 0.5)
 
 
+def factored_direction(grad: torch.Tensor, row: torch.Tensor, row_mean: torch.Tensor,
+                       col: torch.Tensor) -> torch.Tensor:
+    """grad scaled by Adafactor's factored second moment: grad / sqrt(row col^T / mean(row))."""
+    r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
+    return torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
+
+
 class GaLoreAdafactor(GaLoreOptimizer):
     """Adafactor (Shazeer & Stern 2018; galore-torch / transformers semantics) with GaLore.
 
@@ -61,42 +68,51 @@ class GaLoreAdafactor(GaLoreOptimizer):
             lr = max(group["eps"][1], rms) * lr
         return lr
 
+    def _init_state(self, state: dict, grad: torch.Tensor, group: dict) -> None:
+        if "RMS" in state:
+            return
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(grad)
+        if grad.dim() >= 2:
+            state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+            state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+
+    def _rule_grad(self, item: ParamItem) -> torch.Tensor:
+        """The gradient the rule consumes: low-rank (GaLore) or full, in fp32."""
+        grad = self._low_rank_grad(item)
+        return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+
     def _update(self, item: ParamItem) -> None:
         group, state, p = item.group, item.state, item.param
-        grad = self._low_rank_grad(item)
-        if grad.dtype in (torch.float16, torch.bfloat16):
-            grad = grad.float()
-        factored = grad.dim() >= 2
-        if "RMS" not in state:
-            if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(grad)
-            if factored:
-                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad)
+        grad = self._rule_grad(item)
+        self._init_state(state, grad, group)
         step = state["step"] + 1
         state["RMS"] = _rms(p)
-        lr = self._lr(group, step, state["RMS"])
-
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         update = grad**2 + group["eps"][0]
-        if factored:
+        if grad.dim() >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
+            update = factored_direction(grad, row, row.mean(dim=-1, keepdim=True), col)
         else:
             v = state["exp_avg_sq"]
             v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
             update = v.rsqrt().mul_(grad)
-        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        self._finish(item, update, _rms(update), step)
+
+    def _finish(self, item: ParamItem, update: torch.Tensor, update_rms: torch.Tensor, step: int) -> None:
+        """Update clipping, lr, first moment, weight decay, and the write into the weight.
+        `update_rms` is RMS(update) over the whole (possibly sharded) tensor."""
+        group, state, p = item.group, item.state, item.param
+        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
+        lr = self._lr(group, step, state["RMS"])
         update.mul_(lr)
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
             update = state["exp_avg"]
-
         if group["weight_decay"] != 0:
             p.add_(p, alpha=float(-group["weight_decay"] * lr))
         self._apply_update(item, update, -1.0)

@@ -81,6 +81,9 @@ class ParamItem:
     # Already in the rule's coordinates (e.g. a projected gradient accumulated over
     # micro-batches by galore_ds.layerwise); when set, `_low_rank_grad` returns it as is.
     lowrank_grad: torch.Tensor | None = None
+    # The parameter as the optimizer holds it (a DTensor under FSDP2): its global shape and
+    # mesh, for rules whose statistics span the whole tensor (Adafactor).
+    source: torch.Tensor | None = None
 
 
 @dataclass
@@ -209,7 +212,7 @@ class GaLoreOptimizer(Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
-                item = ParamItem(param, grad, state, group, galore)
+                item = ParamItem(param, grad, state, group, galore, source=p)
                 items.append(item)
                 if galore and self._refresh_due(state, group, pos, n_galore):
                     shape = self._global_shape(p)

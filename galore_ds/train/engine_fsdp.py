@@ -19,11 +19,15 @@
   sync stays on for every micro-batch (each one's shard is projected and freed at once);
   accumulation is exact in low rank, clipping uses the global norm (one 2-float all-reduce per
   step; with one micro-batch the full-gradient norm, as clip_grad_norm_), a NaN/Inf norm skips
-  the step on every rank, and the scheduler steps once per optimizer step. No HSDP.
-- Checkpoints: torch.distributed.checkpoint (model + GaLoreAdamW state as DTensors: a run
-  saved on W ranks resumes on any W'); the scheduler goes into scheduler.pt
-  (torch.load(weights_only=True)). GaLoreAdamW8bit state is per-rank (optim_rank{r}.pt),
-  so it resumes on the same world size only.
+  the step on every rank, and the scheduler steps once per optimizer step. With HSDP the model
+  is sharded on FSDP2's own 2-D mesh, which all-reduces each gradient shard over the replicas
+  before the hook (full shards, not the low-rank R_i of step-time mode).
+- Checkpoints: torch.distributed.checkpoint (model + GaLore state, moments as row-sharded
+  DTensors: a run saved on W ranks resumes on any W'; GaLoreAdamW8bit's moments are saved
+  dequantized and re-quantized in the loading rank's own blocks, and its raw codes are
+  reinstalled on the same world size, so that resume stays bit-identical: see
+  galore_ds/distributed/fsdp_checkpoint.py); the scheduler goes into scheduler.pt
+  (torch.load(weights_only=True)).
 - The model is built on CPU (wants_meta_model = False): very large recipes need a sharded
   initialiser first (not done).
 """
@@ -41,14 +45,22 @@ from torch import nn
 
 from galore_ds.config import Config, ConfigError, DistEnv
 from galore_ds.distributed.common import COMM
-from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit
+from galore_ds.distributed.fsdp import (
+    FSDPGaLoreAdafactor,
+    FSDPGaLoreAdamW,
+    FSDPGaLoreAdamW8bit,
+    FSDPGaLoreMixin,
+)
 from galore_ds.distributed.fsdp_checkpoint import dcp_load, dcp_state_dict
 from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer
 from galore_ds.model import DTYPES
 from galore_ds.train import faults
 from galore_ds.train.engine import Engine, StepResult
-from galore_ds.train.optim import build_param_groups
+from galore_ds.train.optim import build_optimizer, build_param_groups
 from galore_ds.train.scheduler import warmup_cosine
+
+FSDP_OPTIMIZERS = {"galore_adamw": FSDPGaLoreAdamW, "galore_adamw8bit": FSDPGaLoreAdamW8bit,
+                   "galore_adafactor": FSDPGaLoreAdafactor}
 
 
 class FSDPEngine(Engine):
@@ -85,6 +97,8 @@ class FSDPEngine(Engine):
             raise ValueError(f"engine.fsdp.replicate={reps} does not divide {self.world_size} ranks")
         mesh = init_device_mesh(self.device.type, (reps, self.world_size // reps),
                                 mesh_dim_names=("replicate", "shard"))
+        if self.cfg.engine.fsdp.layerwise:
+            return mesh  # FSDP2's own HSDP: replicas all-reduced before the per-layer hooks
         self.replicate_group = mesh["replicate"].get_group()
         return mesh["shard"]
 
@@ -114,9 +128,9 @@ class FSDPEngine(Engine):
         whole); without either (or with training.clip_timing=delayed), each shard is updated
         inside its hook."""
         t = self.cfg.training
-        if not isinstance(self.optimizer, (FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit)):
+        if not isinstance(self.optimizer, FSDPGaLoreMixin):
             raise ConfigError("engine.fsdp.layerwise", f"training.optimizer={t.optimizer!r} has no per-layer mode",
-                              "use galore_adamw or galore_adamw8bit")
+                              "use galore_adamw, galore_adamw8bit or galore_adafactor")
         self.accumulation = max(1, self.cfg.accumulation(self.world_size))
         self.layerwise = FSDPLayerwiseOptimizer(
             self.optimizer, accumulation_steps=self.accumulation,
@@ -125,24 +139,9 @@ class FSDPEngine(Engine):
             lr_scheduler=self.scheduler)
 
     def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        t = self.cfg.training
-        betas = (t.beta1, t.beta2)
-        low_rank_hsdp = self.replicate_group is not None and t.grad_clip <= 0
-        kw = dict(lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
-                  replicate_group=self.replicate_group if low_rank_hsdp else None)
-        if t.optimizer == "galore_adamw":
-            return FSDPGaLoreAdamW(groups, **kw)
-        if t.optimizer == "galore_adamw8bit":
-            return FSDPGaLoreAdamW8bit(groups, **kw)
-        if t.optimizer == "adamw":
-            groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
-            return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps,
-                                     weight_decay=t.weight_decay)
-        raise ValueError(
-            f"training.optimizer={t.optimizer!r} with engine.mode=fsdp: use galore_adamw, "
-            "galore_adamw8bit or adamw (GaLoreAdafactor's factored moments average over all "
-            "rows, so its steps are not local on row shards)"
-        )
+        low_rank_hsdp = self.replicate_group is not None and self.cfg.training.grad_clip <= 0
+        return build_optimizer(groups, self.cfg, classes=FSDP_OPTIMIZERS,
+                               replicate_group=self.replicate_group if low_rank_hsdp else None)
 
     @property
     def model(self) -> nn.Module:
@@ -240,17 +239,15 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
 
         directory = Path(directory)
-        if isinstance(self.optimizer, FSDPGaLoreAdamW):
+        if isinstance(self.optimizer, FSDPGaLoreMixin):
+            # GaLore state keyed by FQN, moments row-sharded: loads on any world size
             dcp.save(dcp_state_dict(self._model, self.optimizer), checkpoint_id=str(directory / "dcp"))
         else:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-            sd = {"model": get_model_state_dict(self._model)}
-            if isinstance(self.optimizer, FSDPGaLoreAdamW8bit):
-                torch.save(self.optimizer.state_dict(), directory / f"optim_rank{self.rank}.pt")
-            else:
-                sd["optim"] = get_optimizer_state_dict(self._model, self.optimizer)
-            dcp.save(sd, checkpoint_id=str(directory / "dcp"))
+            dcp.save({"model": get_model_state_dict(self._model),
+                      "optim": get_optimizer_state_dict(self._model, self.optimizer)},
+                     checkpoint_id=str(directory / "dcp"))
         if self.is_main:
             extra = {}
             if self.layerwise is not None:
@@ -264,9 +261,9 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
 
         directory = Path(directory)
-        if isinstance(self.optimizer, FSDPGaLoreAdamW):
+        if isinstance(self.optimizer, FSDPGaLoreMixin):
             dcp_load(self._model, self.optimizer, str(directory / "dcp"))
-        else:
+        else:  # plain torch AdamW: torch's own resharding optimizer state dict
             from torch.distributed.checkpoint.state_dict import (
                 get_model_state_dict,
                 get_optimizer_state_dict,
@@ -274,17 +271,11 @@ class FSDPEngine(Engine):
                 set_optimizer_state_dict,
             )
 
-            sd = {"model": get_model_state_dict(self._model)}
-            plain_adamw = not isinstance(self.optimizer, FSDPGaLoreAdamW8bit)
-            if plain_adamw:
-                sd["optim"] = get_optimizer_state_dict(self._model, self.optimizer)
+            sd = {"model": get_model_state_dict(self._model),
+                  "optim": get_optimizer_state_dict(self._model, self.optimizer)}
             dcp.load(sd, checkpoint_id=str(directory / "dcp"))
             set_model_state_dict(self._model, sd["model"])
-            if plain_adamw:
-                set_optimizer_state_dict(self._model, self.optimizer, sd["optim"])
-            else:
-                self.optimizer.load_state_dict(torch.load(
-                    directory / f"optim_rank{self.rank}.pt", map_location=self.device, weights_only=True))
+            set_optimizer_state_dict(self._model, self.optimizer, sd["optim"])
         sched = torch.load(directory / "scheduler.pt", weights_only=True)
         self.scheduler.load_state_dict(sched["scheduler"])
         if self.layerwise is not None and "layerwise" in sched:

@@ -1,7 +1,7 @@
 """Optimizer from the recipe (shared by engines)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -31,20 +31,25 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
                         weight_decay=t.weight_decay, **galore_options(cfg))
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config,
+                    classes: Mapping[str, type] | None = None, **extra: Any) -> torch.optim.Optimizer:
+    """`training.optimizer` built from the recipe. `classes` maps galore_adamw /
+    galore_adamw8bit / galore_adafactor to the engine's variants (default: the single-process
+    optimizers); `extra` keywords go to the GaLore optimizers only."""
     from galore_ds import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
+    classes = {"galore_adamw": GaLoreAdamW, "galore_adamw8bit": GaLoreAdamW8bit,
+               "galore_adafactor": GaLoreAdafactor, **(classes or {})}
     t = cfg.training
     betas = (t.beta1, t.beta2)
     if t.optimizer == "adamw":
         groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
-    if t.optimizer == "galore_adamw":
-        return GaLoreAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
-    if t.optimizer == "galore_adamw8bit":
-        return GaLoreAdamW8bit(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
+    if t.optimizer in ("galore_adamw", "galore_adamw8bit"):
+        return classes[t.optimizer](groups, lr=t.lr, betas=betas, eps=t.eps,
+                                    weight_decay=t.weight_decay, **extra)
     if t.optimizer == "galore_adafactor":
         # A fixed LR so the warmup/cosine schedule applies (Adafactor's relative step would ignore it).
-        return GaLoreAdafactor(groups, lr=t.lr, relative_step=False, scale_parameter=False,
-                               weight_decay=t.weight_decay)
+        return classes[t.optimizer](groups, lr=t.lr, relative_step=False, scale_parameter=False,
+                                    weight_decay=t.weight_decay, **extra)
     raise ValueError(f"training.optimizer: {t.optimizer!r}")
