@@ -897,31 +897,42 @@ def case_layerwise_nan(world: int, accum: int = 1) -> dict:
     return {"grad_norms_after": lw_log, "skipped_steps": lw.skipped_steps}
 
 
-def case_layerwise_nan_rows_immediate(world: int) -> dict:
-    """Immediate mode (k=1, no clipping: updates inside the hooks) with NaN in one gradient
-    element of rank 0's rows of mlp_up at a refresh step: only those rows' update is dropped;
-    step counts and projectors stay equal on every rank and the next refreshes still match."""
-    steps, gap, bsz, bad = 7, LW_GAP, LW_BSZ, 3
-    rank = dist.get_rank()
-    model = shard_model(make_model())
-    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=gap), lr=1e-2)
-    target = model.mlp_up.weight
+def run_poisoned_immediate(model: nn.Module, opt, *, steps: int, bad: int, around_bad=None):
+    """Immediate per-layer mode (k=1, no clipping: updates inside the hooks), with NaN in one
+    gradient element of rank 0's rows of mlp_up at step `bad`; `around_bad(phase)` runs
+    "before" and "after" that step. Returns the FSDPLayerwiseOptimizer."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     at = {"step": 0}
 
     def poison(p):  # registered before the optimizer's hook, so it runs first
         if at["step"] == bad and rank == 0:
             p.grad.to_local()[0, 0] = float("nan")
 
-    target.register_post_accumulate_grad_hook(poison)
+    model.mlp_up.weight.register_post_accumulate_grad_hook(poison)
     lw = FSDPLayerwiseOptimizer(opt)
     assert not lw.deferred
-    local = bsz // world
+    local = LW_BSZ // world
     for step in range(steps):
         at["step"] = step
-        x, y = data(step, 0, bsz)
+        if step == bad and around_bad is not None:
+            around_bad("before")
+        x, y = data(step, 0, LW_BSZ)
         x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
         nn.functional.mse_loss(model(x), y).backward()
         lw.step()
+        if step == bad and around_bad is not None:
+            around_bad("after")
+    return lw
+
+
+def case_layerwise_nan_rows_immediate(world: int) -> dict:
+    """Immediate mode (k=1, no clipping: updates inside the hooks) with NaN in one gradient
+    element of rank 0's rows of mlp_up at a refresh step: only those rows' update is dropped;
+    step counts and projectors stay equal on every rank and the next refreshes still match."""
+    steps = 7
+    model = shard_model(make_model())
+    opt = FSDPGaLoreAdamW(groups(model, update_proj_gap=LW_GAP), lr=1e-2)
+    lw = run_poisoned_immediate(model, opt, steps=steps, bad=3)
     for p in model.parameters():
         assert torch.isfinite(p.to_local()).all()
         assert opt.state[p]["step"] == steps
@@ -1098,34 +1109,24 @@ def case_adafactor_nan_immediate(world: int) -> dict:
     update is dropped on EVERY rank (its statistics are global, so no rank can update its
     rows alone), every rank still joins every collective, no weight gets NaN, and the
     matrix's Adafactor statistics stay as they were."""
-    steps, gap, bsz, bad = 5, LW_GAP, LW_BSZ, 2
-    rank = dist.get_rank()
+    steps = 5
     model = shard_model(make_model())
-    opt = FSDPGaLoreAdafactor(groups(model, update_proj_gap=gap), lr=1e-2, **AF_KW)
+    opt = FSDPGaLoreAdafactor(groups(model, update_proj_gap=LW_GAP), lr=1e-2, **AF_KW)
     target = model.mlp_up.weight
-    at = {"step": 0}
+    before: dict[str, torch.Tensor] = {}
 
-    def poison(p):  # registered before the optimizer's hook, so it runs first
-        if at["step"] == bad and rank == 0:
-            p.grad.to_local()[0, 0] = float("nan")
+    def check(phase: str) -> None:
+        state = {k: v.clone() for k, v in opt.state[target].items() if torch.is_tensor(v)}
+        if phase == "before":
+            before.update(state, weight=target.to_local().detach().clone())
+            return
+        assert torch.equal(target.to_local(), before["weight"]), "a rank updated rows of the NaN matrix"
+        for k, v in state.items():
+            assert torch.equal(v, before[k]), f"statistic {k} changed"
+        before["checked"] = torch.tensor(True)
 
-    target.register_post_accumulate_grad_hook(poison)
-    lw = FSDPLayerwiseOptimizer(opt)
-    assert not lw.deferred
-    local = bsz // world
-    for step in range(steps):
-        at["step"] = step
-        if step == bad:
-            w_before = target.to_local().detach().clone()
-            st_before = {k: v.clone() for k, v in opt.state[target].items() if torch.is_tensor(v)}
-        x, y = data(step, 0, bsz)
-        x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
-        nn.functional.mse_loss(model(x), y).backward()
-        lw.step()
-        if step == bad:
-            assert torch.equal(target.to_local(), w_before), "a rank updated rows of the NaN matrix"
-            for k, v in st_before.items():
-                assert torch.equal(opt.state[target][k], v), f"statistic {k} changed"
+    run_poisoned_immediate(model, opt, steps=steps, bad=2, around_bad=check)
+    assert "checked" in before
     for p in model.parameters():
         assert torch.isfinite(p.to_local()).all()
         assert opt.state[p]["step"] == steps
