@@ -121,7 +121,7 @@ class GaloreConfig:
 
 @dataclass
 class FSDPConfig:
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # decoder layers; the root keeps FSDP2's default
     param_dtype: str = "float32"
     reduce_dtype: str = "float32"
     replicate: int = 1                # HSDP: replicas (1 = plain FSDP)

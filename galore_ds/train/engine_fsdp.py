@@ -113,7 +113,9 @@ class FSDPEngine(Engine):
         layers = getattr(getattr(model, "model", model), "layers", [])
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=f.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=f.reshard_after_forward)
+        # The root (embedding, lm_head, final norm) keeps FSDP2's own default: its weights stay
+        # gathered from forward to backward, which runs them first (no second all-gather).
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         self._model = model
         self._model.train()
         self.optimizer = self._build_optimizer(build_param_groups(model, self.cfg))
