@@ -7,29 +7,30 @@ and "exp_avg_sq", Adafactor's "exp_avg", per-row "exp_avg_sq_row" and vector "ex
 Projectors, counters, Adafactor's column statistic "exp_avg_sq_col" and "RMS" (equal on
 every rank: computed from all-reduced sums) are replicated plain tensors.
 
-GaLoreAdamW saves its moments as they are. GaLoreAdamW8bit's uint8 codes have one absmax per
-256 values of the rank's LOCAL flattened moment, so they do not reshard: the checkpoint holds
-them dequantized, and each loading rank quantizes its own rows with its own blocks (or keeps
-fp32 below min_8bit_size: the optimizer's rule, so a tensor may switch form with the world
-size). Its dequantized moments are then the saved ones to within one code step per block.
-
-Re-quantizing a dequantized state is not the identity: the signed map (first moment) has +1
-but no -1, so a block whose largest |m| is negative comes back with absmax x 0.993 and some
-codes moved (measured on CPU after real 8-bit steps; the unsigned second-moment map round-
-trips bit for bit). So the raw codes and absmax are saved too, under keys naming the shard
-layout ("<fqn>.state1@shard0of2"), and a rank with that same layout installs them as they
-were: a resume on the same world size is bit-identical. Cost: 2 bytes per moment entry (+8
-per 256) on top of the 8 of the fp32 pair. Both optimizers write the same logical keys, so a
-checkpoint of either loads into the other.
+GaLoreAdamW and GaLoreAdafactor save their moments as they are. GaLoreAdamW8bit's uint8
+codes have one absmax per 256 values of the rank's LOCAL flattened moment, so they are not
+row blocks of one tensor: each rank saves its own state tensors as they are (codes and absmax,
+or fp32 below min_8bit_size), under keys naming its shard ("<fqn>.state1@shard0of2"), 2 bytes
+per moment entry as in memory. HSDP replicas share a key (same state), so DCP writes it once.
+A loading rank with the same shard layout and form installs them unchanged (a resume on the
+same world size is bit-identical). Otherwise it reads the saved shards that overlap its rows
+(torch.chunk fixes every shard's rows), dequantizes them with their own blocks, keeps its
+rows, and quantizes those in its own blocks (or keeps fp32 below min_8bit_size: the
+optimizer's rule, so a tensor may switch form with the world size); its moments are then the
+saved ones to within one code step per block. Re-quantizing is not the identity, which is
+why the same layout keeps the raw codes: the signed map (first moment) has +1 but no -1, so a
+block whose largest |m| is negative would come back with absmax x 0.993. Either optimizer's
+checkpoint loads into the other: the Adam moments are read the same way from either form.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
 from galore_ds import projector as pj
+from galore_ds.distributed.common import chunk_rows
 from galore_ds.distributed.fsdp import row_shard_info
 from galore_ds.optim.adafactor import GaLoreAdafactor
 from galore_ds.optim.adamw import GaLoreAdamW
@@ -39,7 +40,7 @@ from galore_ds.optim.adamw8bit import _BLOCKSIZE, GaLoreAdamW8bit, _qmap
 ROW_SHARDED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")
 #: GaLoreAdamW8bit's form of each logical moment: (codes or fp32 key, absmax key, signed map)
 _8BIT_KEYS = {"exp_avg": ("state1", "absmax1", True), "exp_avg_sq": ("state2", "absmax2", False)}
-_MOMENT_STATE_KEYS = frozenset(ROW_SHARDED_KEYS) | {k for v in _8BIT_KEYS.values() for k in v[:2]}
+_8BIT_STATE_KEYS = frozenset(k for v in _8BIT_KEYS.values() for k in v[:2])
 _SCALAR_KEYS = ("step", "refresh_offset", "proj_right")
 _MISSING = -1  # "step" placeholder: this parameter had no state in the checkpoint
 
@@ -82,13 +83,15 @@ def _row_dtensor(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                               run_check=False, shape=torch.Size(shape), stride=tuple(stride))
 
 
-def _raw_key(name: str, key: str, p: torch.Tensor) -> str:
-    """Key of one rank's raw 8-bit tensor: tagged with its shard rank and count, which fix its
-    rows (torch.chunk) and so its blocks. HSDP replicas share the key (same state), so DCP
-    writes it once."""
+def _shard_of(p: torch.Tensor) -> tuple[int, int]:
+    """(this rank's shard index, shard count) of parameter `p`: (0, 1) when not row-sharded."""
     info = row_shard_info(p)
-    rank, size = (0, 1) if info is None else (info[1], info[2])
-    return f"{name}.{key}@shard{rank}of{size}"
+    return (0, 1) if info is None else (info[1], info[2])
+
+
+def _shard_key(name: str, key: str, shard: int, shards: int) -> str:
+    """Key of one shard's own 8-bit state tensor ("mlp.w.state1@shard0of2")."""
+    return f"{name}.{key}@shard{shard}of{shards}"
 
 
 def _is_8bit(opt) -> bool:
@@ -141,24 +144,6 @@ def _quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor
     return codes, qs.absmax
 
 
-def _moments_out(opt, state: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(logical fp32 moments, raw per-layout 8-bit tensors) of one parameter's local state."""
-    if not _is_8bit(opt):
-        return {k: state[k] for k in ROW_SHARDED_KEYS if k in state}, {}
-    logical: dict[str, torch.Tensor] = {}
-    raw: dict[str, torch.Tensor] = {}
-    for key, (sk, ak, signed) in _8BIT_KEYS.items():
-        if sk not in state:
-            continue
-        v = state[sk]
-        if v.dtype == torch.uint8:
-            logical[key] = _dequantize(v, state[ak], signed)
-            raw[sk], raw[ak] = v, state[ak]
-        else:  # below min_8bit_size: already the fp32 moment
-            logical[key] = v
-    return logical, raw
-
-
 def _fresh_8bit(opt, group: dict, moment_shape: tuple[int, ...], device: torch.device) -> dict:
     """Zero moments in the form the optimizer itself gives this rank's tensor (its own
     min_8bit_size rule, not a copy of it)."""
@@ -167,21 +152,19 @@ def _fresh_8bit(opt, group: dict, moment_shape: tuple[int, ...], device: torch.d
     return fresh
 
 
-def _moments_in(opt, group: dict, logical: dict[str, torch.Tensor],
-                raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Optimizer state for the loaded local logical moments: as they are (GaLoreAdamW), or
-    GaLoreAdamW8bit's form — the raw tensors when this layout saved them, else quantized in
-    this rank's blocks (fp32 below min_8bit_size)."""
+def _moments_in(opt, group: dict, moment_shape: tuple[int, ...], device: torch.device,
+                logical: dict[str, torch.Tensor], raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Optimizer state from the loaded moments: this layout's own 8-bit tensors as they were
+    (`raw`), else the logical fp32 moments as they are (GaLoreAdamW) or in GaLoreAdamW8bit's
+    form for this rank: quantized in its own blocks, fp32 below min_8bit_size."""
+    if raw:
+        return {k: v.clone() for k, v in raw.items()}
     if not _is_8bit(opt):
         return {k: v.clone() for k, v in logical.items()}
-    m = logical["exp_avg"]
-    out = _fresh_8bit(opt, group, tuple(m.shape), m.device)
+    out = _fresh_8bit(opt, group, moment_shape, device)
     for key, (sk, ak, signed) in _8BIT_KEYS.items():
         if out[sk].dtype != torch.uint8:
             out[sk].copy_(logical[key])
-        elif sk in raw:
-            out[sk].copy_(raw[sk])
-            out[ak].copy_(raw[ak])
         else:
             out[sk], out[ak] = _quantize(logical[key], signed)
     return out
@@ -193,8 +176,8 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
 
     Optimizer state is keyed by parameter FQN; the logical moments of row-sharded
     parameters become DTensors (so a checkpoint saved on W ranks loads on any other W'),
-    projectors and counters are replicated plain tensors; GaLoreAdamW8bit adds its raw
-    per-layout codes (see the module docstring).
+    projectors and counters are replicated plain tensors; GaLoreAdamW8bit's state tensors
+    are saved per shard, as they are (see the module docstring).
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -209,14 +192,14 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
                 continue
             name = fqn[id(p)]
             sharded = row_shard_info(p) is not None
+            shard, shards = _shard_of(p)
             for key, value in state.items():
-                if key not in _MOMENT_STATE_KEYS:
+                if key in _8BIT_STATE_KEYS:
+                    optim[_shard_key(name, key, shard, shards)] = value
+                elif key in ROW_SHARDED_KEYS:
+                    optim[f"{name}.{key}"] = _row_dtensor(value, p) if sharded else value
+                else:
                     optim[f"{name}.{key}"] = value if torch.is_tensor(value) else _as_tensor(value)
-            logical, raw = _moments_out(opt, state)
-            for key, value in logical.items():
-                optim[f"{name}.{key}"] = _row_dtensor(value, p) if sharded else value
-            for key, value in raw.items():
-                optim[_raw_key(name, key, p)] = value
     return {"model": get_model_state_dict(model), "optim": optim}
 
 
@@ -245,28 +228,83 @@ def _placeholder_state(opt, p: torch.Tensor, group: dict) -> tuple[dict[str, tor
     return st, moment_local
 
 
-def _raw_placeholders(opt, p: torch.Tensor, group: dict, moment_shape: tuple[int, ...],
-                      name: str, saved: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """This rank's raw 8-bit tensors to read: only when it keeps 8-bit codes and the
-    checkpoint has them for its layout with the same shapes (a same-world-size resume)."""
-    if not _is_8bit(opt):
-        return {}
-    fresh = _fresh_8bit(opt, group, moment_shape, _local(p).device)
-    if fresh["state1"].dtype != torch.uint8:
-        return {}
-    if all(saved.get(f"optim.{_raw_key(name, k, p)}") == v.shape for k, v in fresh.items()):
-        return fresh
-    return {}
-
-
-def _saved_tensor_shapes(checkpoint_id: CheckpointId) -> dict[str, torch.Size]:
-    """Flattened key ("optim.<key>") -> shape of every tensor in the checkpoint's metadata."""
+def _saved_tensors(checkpoint_id: CheckpointId) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Flattened key ("optim.<key>") -> (shape, dtype) of every tensor in the checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(checkpoint_id).read_metadata()
-    return {k: v.size for k, v in md.state_dict_metadata.items()
+    return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
+
+
+def _saved_shard_count(name: str, saved: dict) -> int | None:
+    """How many shards saved `name`'s moments in GaLoreAdamW8bit's per-shard form (None:
+    saved as logical moments, or not at all)."""
+    prefix = f"optim.{name}.state1@shard0of"
+    return next((int(k[len(prefix):]) for k in saved if k.startswith(prefix)), None)
+
+
+class _ShardReads(NamedTuple):
+    """What one rank reads of a parameter's per-shard (GaLoreAdamW8bit) moments."""
+
+    placeholders: dict[str, torch.Tensor]   # checkpoint key -> tensor DCP loads into
+    shards_saved: int
+    raw: bool                               # its own layout's state tensors, to install as is
+    rows: tuple[int, int] = (0, 0)          # this rank's rows [lo, hi) of the whole moment
+    overlaps: tuple = ()                    # (saved shard, its first row, its end row) touching them
+
+
+def _plan_shard_reads(opt, group: dict, p: torch.Tensor, name: str, moment_shape: tuple[int, ...],
+                      shards_saved: int, saved: dict) -> _ShardReads:
+    """This rank's own layout's state tensors when shard count, shapes and form all match
+    (a same-world-size resume), else the saved shards that overlap its rows."""
+    shard, shards = _shard_of(p)
+    device = _local(p).device
+    if _is_8bit(opt) and shards_saved == shards:
+        fresh = _fresh_8bit(opt, group, moment_shape, device)
+        keys = {k: _shard_key(name, k, shard, shards) for k in fresh}
+        if all(saved.get("optim." + keys[k]) == (v.shape, v.dtype) for k, v in fresh.items()):
+            return _ShardReads({keys[k]: v for k, v in fresh.items()}, shards_saved, raw=True)
+    starts, rows = [0], []
+    for k in range(shards_saved):
+        rows.append(saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0][0])
+        starts.append(starts[-1] + rows[-1])
+    if shards == 1:
+        lo = 0
+    else:
+        lo = sum(chunk_rows(p.shape[0], shards)[:shard])
+    hi = lo + moment_shape[0]
+    if hi > starts[-1]:
+        raise ValueError(f"checkpoint: {name}'s saved moments have {starts[-1]} rows, this rank needs rows "
+                         f"{lo}:{hi}; was it saved from another model or projection side?")
+    overlaps, placeholders = [], {}
+    for k in range(shards_saved):
+        if starts[k] < hi and lo < starts[k + 1]:
+            overlaps.append((k, starts[k], starts[k + 1]))
+            for key in _8BIT_STATE_KEYS:
+                full = f"optim.{_shard_key(name, key, k, shards_saved)}"
+                if full in saved:
+                    shape, dtype = saved[full]
+                    placeholders[full[len("optim."):]] = torch.empty(shape, dtype=dtype, device=device)
+    return _ShardReads(placeholders, shards_saved, raw=False, rows=(lo, hi), overlaps=tuple(overlaps))
+
+
+def _assemble_rows(name: str, plan: _ShardReads, loaded: dict[str, torch.Tensor],
+                   moment_shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's rows of each logical moment, from the saved shards that overlap them (each
+    dequantized with its own blocks)."""
+    lo, hi = plan.rows
+    out = {}
+    for key, (sk, ak, signed) in _8BIT_KEYS.items():
+        pieces = []
+        for k, start, stop in plan.overlaps:
+            values = loaded[_shard_key(name, sk, k, plan.shards_saved)]
+            if values.dtype == torch.uint8:
+                values = _dequantize(values, loaded[_shard_key(name, ak, k, plan.shards_saved)], signed)
+            pieces.append(values[max(lo, start) - start:min(hi, stop) - start])
+        out[key] = torch.cat(pieces) if pieces else torch.zeros(moment_shape, device=device)
+    return out
 
 
 def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
@@ -275,7 +313,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     _check_dcp_support(opt)
-    saved = _saved_tensor_shapes(checkpoint_id) if _is_8bit(opt) else {}
+    saved = _saved_tensors(checkpoint_id)
     fqn = {id(p): name for name, p in model.named_parameters()}
     optim: dict[str, Any] = {}
     holders = []
@@ -284,21 +322,24 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
         for p in group["params"]:
             name = fqn[id(p)]
             st, moment_shape = _placeholder_state(opt, p, group)
-            raw = _raw_placeholders(opt, p, group, moment_shape, name, saved)
-            holders.append((p, group, st, raw))
+            shards_saved = None if isinstance(opt, GaLoreAdafactor) else _saved_shard_count(name, saved)
+            plan = None
+            if shards_saved is not None:  # Adam moments in per-shard 8-bit form
+                for key in _8BIT_KEYS:
+                    del st[key]
+                plan = _plan_shard_reads(opt, group, p, name, moment_shape, shards_saved, saved)
+                optim.update(plan.placeholders)
+            holders.append((p, group, st, moment_shape, plan))
             for key, value in st.items():
                 optim[f"{name}.{key}"] = value
-            for key, value in raw.items():
-                optim[_raw_key(name, key, p)] = value
-    msd = get_model_state_dict(model)
-    sd = {"model": msd, "optim": optim}
+    sd = {"model": get_model_state_dict(model), "optim": optim}
     dcp.load(sd, checkpoint_id=checkpoint_id,
              planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_model_state_dict(model, sd["model"])
     optim = sd["optim"]
     for gi, group in enumerate(opt.param_groups):
         group["lr"] = float(optim[f"group{gi}.lr"])
-    for p, group, st, raw in holders:
+    for p, group, st, moment_shape, plan in holders:
         name = fqn[id(p)]
         step = int(optim[f"{name}.step"])
         if step == _MISSING:
@@ -312,6 +353,13 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
                 logical[key] = v
             else:
                 new[key] = _from_tensor(v) if key in _SCALAR_KEYS else v.clone()
-        loaded_raw = {key: optim[_raw_key(name, key, p)] for key in raw}
-        new.update(_moments_in(opt, group, logical, loaded_raw))
+        raw: dict[str, torch.Tensor] = {}
+        device = _local(p).device
+        if plan is not None:
+            loaded = {k: optim[k] for k in plan.placeholders}
+            if plan.raw:  # "<fqn>.state1@shard0of2" -> "state1"
+                raw = {k.rsplit(".", 1)[1].split("@")[0]: v for k, v in loaded.items()}
+            else:
+                logical.update(_assemble_rows(name, plan, loaded, moment_shape, device))
+        new.update(_moments_in(opt, group, moment_shape, device, logical, raw))
         opt.state[p] = new

@@ -391,6 +391,12 @@ def case_dcp8bit_save(world: int) -> dict:
     model, opt = wide_sharded()
     model, opt, _ = run_training(steps=CKPT_STEPS, gap=CKPT_GAP, bsz=12, model=model, opt=opt)
     dcp.save(dcp_state_dict(model, opt), checkpoint_id=path)
+    # the moments are stored as the optimizer holds them (1 byte per entry per moment), with
+    # no fp32 copy
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    assert not any(k.endswith((".exp_avg", ".exp_avg_sq")) for k in md), sorted(md)
+    for k in range(world):
+        assert md[f"optim.mlp_up.weight.state1@shard{k}of{world}"].properties.dtype == torch.uint8
     saved: dict[str, dict] = {}
     for name, p in model.named_parameters():
         st = opt.state[p]
