@@ -22,12 +22,11 @@
   the step on every rank, and the scheduler steps once per optimizer step. With HSDP the model
   is sharded on FSDP2's own 2-D mesh, which all-reduces each gradient shard over the replicas
   before the hook (full shards, not the low-rank R_i of step-time mode).
-- Checkpoints: torch.distributed.checkpoint (model + GaLore state, moments as row-sharded
-  DTensors: a run saved on W ranks resumes on any W'; GaLoreAdamW8bit's moments are saved
-  dequantized and re-quantized in the loading rank's own blocks, and its raw codes are
-  reinstalled on the same world size, so that resume stays bit-identical: see
-  galore_ds/distributed/fsdp_checkpoint.py); the scheduler goes into scheduler.pt
-  (torch.load(weights_only=True)).
+- Checkpoints: torch.distributed.checkpoint (model + GaLore state: a run saved on W ranks
+  resumes on any W'. Moments are row-sharded DTensors; GaLoreAdamW8bit's codes are saved per
+  shard as they are, put back unchanged on the same world size (bit-identical) and re-formed
+  from the overlapping shards on another: galore_ds/distributed/fsdp_checkpoint.py); the
+  scheduler goes into scheduler.pt (torch.load(weights_only=True)).
 - The model is built on CPU (wants_meta_model = False): very large recipes need a sharded
   initialiser first (not done).
 """
