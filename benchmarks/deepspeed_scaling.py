@@ -12,7 +12,6 @@ h=256, i=688, 4 blocks (the 60M recipe's shapes scaled down), rank 64, fp32, mic
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys

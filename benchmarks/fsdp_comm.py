@@ -119,7 +119,7 @@ def measured_step(opt):
 
 
 def run(name, args):
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     model = build(args)
     try:
         opt = make_opt(name, model, args)

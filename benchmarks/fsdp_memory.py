@@ -76,15 +76,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import PAPER_MODELS, proc_status, reset_peak  # noqa: E402
+
 MODELS = {  # the paper's LLaMA shapes (vocab 32000) and ranks; "tiny" for --quick
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=2048, rank=32),
-    "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                vocab_size=32000, rank=128),
-    "130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 vocab_size=32000, rank=256),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16,
-                 vocab_size=32000, rank=256),
+    **{name: PAPER_MODELS[name] for name in ("60m", "130m", "350m")},
 }
 OPTIMIZERS = ("galore_adamw", "galore_adamw8bit")
 MODES = ("stored", "layerwise")
@@ -93,19 +90,6 @@ GIB, MIB = 2**30, 2**20
 
 
 # ---------------------------------------------------------------------------- rank side
-def _status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -199,7 +183,7 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     (w @ w).sum().backward()
     dist.all_reduce(torch.ones(4))
     dist.barrier()
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
 
     spec = dict(MODELS[model_name])
     r = spec.pop("rank")
@@ -219,7 +203,7 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     cls = FSDPGaLoreAdamW if opt_name == "galore_adamw" else FSDPGaLoreAdamW8bit
     opt = cls(groups, lr=1e-3)
     lw = FSDPLayerwiseOptimizer(opt) if mode == "layerwise" else None
-    after_setup = _status("VmRSS")
+    after_setup = proc_status("VmRSS")
 
     # RSS right after each FSDP group's reduce-scatter (FSDP2 runs the sharded parameters'
     # post-accumulate-grad hooks there, in both modes; this one is registered last, so in
@@ -227,7 +211,7 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     profile: list = []
     for name, last in _group_last_params(model):
         last.register_post_accumulate_grad_hook(
-            lambda p, name=name: profile.append((name, _status("VmRSS") - baseline, _status("VmHWM") - baseline)))
+            lambda p, name=name: profile.append((name, proc_status("VmRSS") - baseline, proc_status("VmHWM") - baseline)))
 
     gen = torch.Generator().manual_seed(1000 + rank)
     steps = []
@@ -236,25 +220,25 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
         dist.barrier()
         rec = {"step": step, "measured": step >= args.warmup, "refresh": step % args.gap == 0}
         t0 = time.perf_counter()
-        _reset_peak()
+        reset_peak()
         loss = model(input_ids=x, labels=x).loss
-        rec["forward_peak"] = _status("VmHWM") - baseline
-        _reset_peak()
-        rec["backward_start"] = _status("VmRSS") - baseline
+        rec["forward_peak"] = proc_status("VmHWM") - baseline
+        reset_peak()
+        rec["backward_start"] = proc_status("VmRSS") - baseline
         profile.clear()
         loss.backward()
-        rec["backward_peak"] = _status("VmHWM") - baseline
+        rec["backward_peak"] = proc_status("VmHWM") - baseline
         # (group, RSS, peak since backward began) after each group's reduce-scatter
         rec["backward_profile"] = list(profile)
-        rec["after_backward"] = _status("VmRSS") - baseline
-        _reset_peak()
+        rec["after_backward"] = proc_status("VmRSS") - baseline
+        reset_peak()
         if lw is not None:
             assert lw.step()
         else:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        rec["step_peak"] = _status("VmHWM") - baseline
-        rec["after_step"] = _status("VmRSS") - baseline
+        rec["step_peak"] = proc_status("VmHWM") - baseline
+        rec["after_step"] = proc_status("VmRSS") - baseline
         rec["peak"] = max(rec["forward_peak"], rec["backward_peak"], rec["step_peak"])
         rec["seconds"] = time.perf_counter() - t0
         rec["loss"] = float(loss)

@@ -25,27 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {  # the paper's LLaMA shapes (vocab 32000) and ranks
-    "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, rank=128),
-    "130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, rank=256),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16, rank=256),
-    "1b": dict(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32, rank=1024),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, rank=1024),
-}
+from common import PAPER_MODELS, proc_status, reset_peak  # noqa: E402
+
+MODELS = PAPER_MODELS
 OPTIMIZERS = ("adamw", "adam8bit", "galore", "galore8bit", "galore8bit_layerwise")
 GIB = 2**30
-
-
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) -> dict:
@@ -65,7 +49,7 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
     # warm up the kernels the step uses so that their one-time allocations are in the baseline
     w = torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True)
     (w @ w).sum().backward()
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     mcfg = ModelConfig(**spec, vocab_size=32000, max_position_embeddings=max(seq, 256), dtype="bfloat16")
     model = build_model(mcfg, seed=0, meta=True)
     materialize(model, "cpu", 0.02, 0)
@@ -82,12 +66,12 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
         opt = GaLoreAdamW8bit(param_groups(model, rank=rank, **opts), lr=1e-3)
         if opt_name == "galore8bit_layerwise":
             lw = LayerwiseOptimizer(opt)
-    after_model = _status("VmRSS")
+    after_model = proc_status("VmRSS")
     gen = torch.Generator().manual_seed(0)
     records = []
     for step in range(steps):
         x = torch.randint(0, 32000, (batch, seq), generator=gen)
-        _reset_peak()
+        reset_peak()
         t0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -97,7 +81,7 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
             opt.step()
             opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        peak = _status("VmHWM")
+        peak = proc_status("VmHWM")
         records.append({"step": step, "peak_rss_gib": peak / GIB, "train_gib": (peak - baseline) / GIB,
                         "seconds": dt, "loss": float(loss)})
         del loss
