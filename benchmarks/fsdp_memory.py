@@ -90,16 +90,14 @@ GIB, MIB = 2**30, 2**20
 
 
 # ---------------------------------------------------------------------------- rank side
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _tensor_bytes(obj, seen: set) -> int:
     """Bytes of every distinct tensor storage in obj (dicts, lists, DTensors as local shards)."""
     import torch
 
+    from galore_ds.optim.base import local_tensor
+
     if torch.is_tensor(obj):
-        t = _local(obj)
+        t = local_tensor(obj)
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key in seen or t.untyped_storage().nbytes() == 0:
             return 0
@@ -114,11 +112,13 @@ def _tensor_bytes(obj, seen: set) -> int:
 
 def analytic(model, opt) -> dict:
     """Exact per-rank byte counts from the sharded model and the optimizer's tensors."""
-    param_bytes = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    from galore_ds.optim.base import local_tensor
+
+    param_bytes = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in model.parameters())
     # gradient shards have the sharded parameter's dtype (bf16); FSDP2 views them into one
     # flat reduce-scatter output per group, so a group's shards live and die together
     # groups: [FSDP module, its parameters, their gradient shard bytes on this rank]
-    groups = [[name, len(own), sum(_local(p).numel() * _local(p).element_size() for p in own)]
+    groups = [[name, len(own), sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in own)]
               for name, own in _fsdp_groups(model)]
     grads_all = sum(g[2] for g in groups)
     largest = max(groups, key=lambda g: g[2])

@@ -35,6 +35,7 @@ from galore_ds.distributed.fsdp import row_shard_info
 from galore_ds.optim.adafactor import GaLoreAdafactor
 from galore_ds.optim.adamw import GaLoreAdamW
 from galore_ds.optim.adamw8bit import _BLOCKSIZE, GaLoreAdamW8bit, _qmap
+from galore_ds.optim.base import local_tensor
 
 #: the logical moments (row blocks of a row-sharded parameter): what the checkpoint holds
 ROW_SHARDED_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")
@@ -63,10 +64,6 @@ def _from_tensor(t: torch.Tensor) -> Any:
     if t.dtype == torch.int64:
         return int(t)
     return float(t)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _row_dtensor(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -209,7 +206,7 @@ def _placeholder_state(opt, p: torch.Tensor, group: dict) -> tuple[dict[str, tor
     loads into, on the parameter's device; the local moment shape)."""
     info = row_shard_info(p)
     shape = tuple(p.shape)
-    local = _local(p)
+    local = local_tensor(p)
     device = local.device
     st: dict[str, torch.Tensor] = {"step": torch.tensor(_MISSING, dtype=torch.int64)}
     if "rank" in group:
@@ -260,7 +257,7 @@ def _plan_shard_reads(opt, group: dict, p: torch.Tensor, name: str, moment_shape
     """This rank's own layout's state tensors when shard count, shapes and form all match
     (a same-world-size resume), else the saved shards that overlap its rows."""
     shard, shards = _shard_of(p)
-    device = _local(p).device
+    device = local_tensor(p).device
     if _is_8bit(opt) and shards_saved == shards:
         fresh = _fresh_8bit(opt, group, moment_shape, device)
         keys = {k: _shard_key(name, k, shard, shards) for k in fresh}
@@ -348,13 +345,13 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
         new: dict[str, Any] = {}
         logical: dict[str, torch.Tensor] = {}
         for key in st:
-            v = _local(optim[f"{name}.{key}"])
+            v = local_tensor(optim[f"{name}.{key}"])
             if key in ROW_SHARDED_KEYS:
                 logical[key] = v
             else:
                 new[key] = _from_tensor(v) if key in _SCALAR_KEYS else v.clone()
         raw: dict[str, torch.Tensor] = {}
-        device = _local(p).device
+        device = local_tensor(p).device
         if plan is not None:
             loaded = {k: optim[k] for k in plan.placeholders}
             if plan.raw:  # "<fqn>.state1@shard0of2" -> "state1"
