@@ -247,7 +247,8 @@ class _ShardReads(NamedTuple):
 
     placeholders: dict[str, torch.Tensor]   # checkpoint key -> tensor DCP loads into
     shards_saved: int
-    raw: bool                               # its own layout's state tensors, to install as is
+    raw: dict[str, str]                     # state key -> checkpoint key of its own layout's
+                                            # tensors, installed as they are (empty: re-form)
     rows: tuple[int, int] = (0, 0)          # this rank's rows [lo, hi) of the whole moment
     overlaps: tuple = ()                    # (saved shard, its first row, its end row) touching them
 
@@ -262,15 +263,11 @@ def _plan_shard_reads(opt, group: dict, p: torch.Tensor, name: str, moment_shape
         fresh = _fresh_8bit(opt, group, moment_shape, device)
         keys = {k: _shard_key(name, k, shard, shards) for k in fresh}
         if all(saved.get("optim." + keys[k]) == (v.shape, v.dtype) for k, v in fresh.items()):
-            return _ShardReads({keys[k]: v for k, v in fresh.items()}, shards_saved, raw=True)
-    starts, rows = [0], []
+            return _ShardReads({keys[k]: v for k, v in fresh.items()}, shards_saved, raw=keys)
+    starts = [0]
     for k in range(shards_saved):
-        rows.append(saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0][0])
-        starts.append(starts[-1] + rows[-1])
-    if shards == 1:
-        lo = 0
-    else:
-        lo = sum(chunk_rows(p.shape[0], shards)[:shard])
+        starts.append(starts[-1] + saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0][0])
+    lo = sum(chunk_rows(p.shape[0], shards)[:shard])
     hi = lo + moment_shape[0]
     if hi > starts[-1]:
         raise ValueError(f"checkpoint: {name}'s saved moments have {starts[-1]} rows, this rank needs rows "
@@ -284,7 +281,7 @@ def _plan_shard_reads(opt, group: dict, p: torch.Tensor, name: str, moment_shape
                 if full in saved:
                     shape, dtype = saved[full]
                     placeholders[full[len("optim."):]] = torch.empty(shape, dtype=dtype, device=device)
-    return _ShardReads(placeholders, shards_saved, raw=False, rows=(lo, hi), overlaps=tuple(overlaps))
+    return _ShardReads(placeholders, shards_saved, raw={}, rows=(lo, hi), overlaps=tuple(overlaps))
 
 
 def _assemble_rows(name: str, plan: _ShardReads, loaded: dict[str, torch.Tensor],
@@ -352,11 +349,10 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: CheckpointId) -> None:
                 new[key] = _from_tensor(v) if key in _SCALAR_KEYS else v.clone()
         raw: dict[str, torch.Tensor] = {}
         device = local_tensor(p).device
-        if plan is not None:
+        if plan is not None and plan.raw:
+            raw = {state_key: optim[key] for state_key, key in plan.raw.items()}
+        elif plan is not None:
             loaded = {k: optim[k] for k in plan.placeholders}
-            if plan.raw:  # "<fqn>.state1@shard0of2" -> "state1"
-                raw = {k.rsplit(".", 1)[1].split("@")[0]: v for k, v in loaded.items()}
-            else:
-                logical.update(_assemble_rows(name, plan, loaded, moment_shape, device))
+            logical.update(_assemble_rows(name, plan, loaded, moment_shape, device))
         new.update(_moments_in(opt, group, moment_shape, device, logical, raw))
         opt.state[p] = new
