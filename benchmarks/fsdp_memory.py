@@ -15,7 +15,7 @@ the temp dir unless --out is given). One job by hand (rank 0 prints a RESULT lin
     torchrun --standalone --nproc_per_node W benchmarks/fsdp_memory.py --child MODEL OPT MODE
 
 What each rank runs, as the FSDP engine (galore_ds/train/engine_fsdp.py) with its defaults: a
-LLaMA from galore_ds.model built on CPU in bf16 (the recipes' model.dtype), fully_shard of every
+LLaMA from galore_ds.train.model built on CPU in bf16 (the recipes' model.dtype), fully_shard of every
 decoder layer and then of the root, MixedPrecisionPolicy(param_dtype=fp32, reduce_dtype=fp32)
 (weight and gradient shards are bf16; the all-gathered weights of forward/backward and the
 reduce-scatter are fp32), reshard_after_forward=True for the layers and FSDP2's own default for
@@ -168,10 +168,10 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     torch.set_num_threads(args.threads)
     importlib.import_module("bitsandbytes")  # loaded before the baseline (the 8-bit rule needs it)
     from galore_ds import param_groups
-    from galore_ds.config import ModelConfig
+    from galore_ds.train.config import ModelConfig
     from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit
     from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer
-    from galore_ds.model import DTYPES, build_model
+    from galore_ds.train.model import DTYPES, build_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -8,7 +8,7 @@ materialised in bf16 (no fp32 copy), seq 256, micro-batch 1, the paper's ranks, 
 refresh (the refresh method does not change memory; exact SVD of every matrix at step 0 would
 take minutes on 2 shared cores). The peak of each step is Linux's VmHWM, reset before the step
 (/proc/self/clear_refs = 5); "train_gib" = peak minus the RSS of the process before the model
-existed (python + torch + transformers), which is what galore_ds.estimate models.
+existed (python + torch + transformers), which is what galore_ds.tools.estimate models.
 Results: benchmarks/results/memory.json (one record per run, the estimate next to it).
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
     import galore_ds  # noqa: F401  (imports bitsandbytes lazily; do it before the baseline)
     import bitsandbytes  # noqa: F401
     from galore_ds import GaLoreAdamW, GaLoreAdamW8bit, param_groups
-    from galore_ds.config import ModelConfig
+    from galore_ds.train.config import ModelConfig
     from galore_ds.layerwise import LayerwiseOptimizer
-    from galore_ds.model import build_model, materialize
+    from galore_ds.train.model import build_model, materialize
 
     torch.manual_seed(0)
     spec = dict(MODELS[model_name])
@@ -94,7 +94,7 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
 
 
 def estimate_for(model_name: str, opt_name: str, seq: int, batch: int) -> dict:
-    from galore_ds.estimate import Shape, estimate
+    from galore_ds.tools.estimate import Shape, estimate
 
     spec = dict(MODELS[model_name])
     shape = Shape(**spec, vocab_size=32000, seq_len=seq, micro_batch=batch, dtype="bfloat16")
@@ -162,7 +162,7 @@ def _write(out: Path, results: list) -> None:
     results.sort(key=lambda r: (order.get(r["model"], 99), OPTIMIZERS.index(r["optimizer"])))
     out.write_text(json.dumps({"host": platform.node(), "torch_threads": os.environ.get("OMP_NUM_THREADS"),
                                "note": "CPU peak RSS (VmHWM reset per step); train = peak - pre-model RSS; "
-                                       "estimate = galore_ds.estimate(device='cpu').total",
+                                       "estimate = galore_ds.tools.estimate(device='cpu').total",
                                "runs": results}, indent=1))
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from galore_ds.config import DistEnv, from_dict, validate
-from galore_ds.train.engine_single import SingleEngine
+from galore_ds.train.config import DistEnv, from_dict, validate
+from galore_ds.train.engines.single import SingleEngine
 from galore_ds.train.optim import build_param_groups
 from galore_ds.train.scheduler import warmup_cosine
 from galore_ds.train.trainer import train
@@ -130,7 +130,7 @@ def main() -> None:
         doc["setup"] = json.loads(out.read_text())["setup"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    from galore_ds.plot import plot
+    from galore_ds.tools.plot import plot
 
     names = [n for n in results if Path(results[n]["metrics"]).is_file()]
     plot([results[n]["metrics"] for n in names], str(out.with_suffix(".png")), labels=names)

@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from galore_ds.config import DistEnv, from_dict, validate  # noqa: E402
-from galore_ds.data import StepLoader, build_datasets  # noqa: E402
-from galore_ds.model import build_model  # noqa: E402
+from galore_ds.train.config import DistEnv, from_dict, validate  # noqa: E402
+from galore_ds.train.data import StepLoader, build_datasets  # noqa: E402
+from galore_ds.train.model import build_model  # noqa: E402
 from galore_ds.train import checkpoint  # noqa: E402
-from galore_ds.train.engine_single import SingleEngine  # noqa: E402
+from galore_ds.train.engines.single import SingleEngine  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -1,29 +1,19 @@
 """galore_ds: GaLore (gradient low-rank projection) for LLaMA pre-training, from one 24 GB
-GPU to DeepSpeed ZeRO 0-3 and FSDP2 clusters."""
-from galore_ds.optim import (
-    GaLoreAdafactor,
-    GaLoreAdamW,
-    GaLoreAdamW8bit,
-    GaLoreOptimizer,
-    param_groups,
-)
+GPU to DeepSpeed ZeRO 0-3 and FSDP2 clusters.
 
-__version__ = "0.1.0"
+    import galore_ds
+    opt = galore_ds.GaLoreAdamW(galore_ds.param_groups(model, rank=128), lr=1e-2)
 
+The optimizers read how each parameter is laid out (plain tensor, FSDP2/HSDP DTensor,
+DeepSpeed ZeRO partition) and take the exact step for it. Layers, each importing only the
+ones before it: core (math) -> layouts -> optim (these classes) -> integrations -> train ->
+tools; launch/train.py on top.
+"""
+from galore_ds.core.groups import param_groups
+from galore_ds.layouts.layerwise import LayerwiseOptimizer
+from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-def _register_deepspeed() -> None:
-    """DeepSpeed JSON `"optimizer": {"type": "GaLoreAdamW"}` (galore_ds/distributed/deepspeed.py).
-
-    Cheap: sets the names in torch.optim; the engine hooks are installed now if deepspeed is
-    already imported, else when the optimizer is first constructed."""
-    import sys
-
-    from galore_ds.distributed import deepspeed as _ds
-
-    _ds.register_names()
-    if "deepspeed" in sys.modules:
-        _ds.register(quiet=True)
-
-
-_register_deepspeed()
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer", "param_groups"]
+__version__ = "0.2.0"
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer",
+           "LayerwiseOptimizer", "param_groups"]

@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_config_module():
-    """galore_ds.config without importing the galore_ds package (whose __init__ imports torch):
+    """galore_ds.train.config without importing the galore_ds package (whose __init__ imports torch):
     validation must answer in well under a second."""
-    if "galore_ds.config" in sys.modules:
-        return sys.modules["galore_ds.config"]
-    spec = importlib.util.spec_from_file_location("galore_ds.config", ROOT / "galore_ds" / "config.py")
+    if "galore_ds.train.config" in sys.modules:
+        return sys.modules["galore_ds.train.config"]
+    spec = importlib.util.spec_from_file_location("galore_ds.train.config", ROOT / "galore_ds" / "train" / "config.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["galore_ds.config"] = mod  # the package import later reuses this very module
+    sys.modules["galore_ds.train.config"] = mod  # the package import later reuses this very module
     spec.loader.exec_module(mod)
     return mod
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- heavy imports from here on ----
     sys.path.insert(0, str(ROOT))
-    from galore_ds.train.engine import EngineUnavailable, make_engine
+    from galore_ds.train.engines.base import EngineUnavailable, make_engine
 
     try:
         engine = make_engine(cfg, dist)

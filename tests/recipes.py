@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from galore_ds.config import DistEnv, from_dict, validate
+from galore_ds.train.config import DistEnv, from_dict, validate
 
 
 def tiny_recipe(tmp_path, cache_dir, name: str = "t", **over) -> dict:

@@ -58,7 +58,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory, cache_dir):
     """A real finished run (run dir + checkpoint) that every case starts from."""
-    from galore_ds.config import DistEnv, from_dict, validate
+    from galore_ds.train.config import DistEnv, from_dict, validate
     from galore_ds.train.trainer import train
 
     work = tmp_path_factory.mktemp("earlier")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from galore_ds.config import (Config, ConfigError, DistEnv, apply_overrides, dist_env, from_dict,
+from galore_ds.train.config import (Config, ConfigError, DistEnv, apply_overrides, dist_env, from_dict,
                               load_config, validate)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""galore_ds.estimate: the analytic terms equal what the real optimizers allocate."""
+"""galore_ds.tools.estimate: the analytic terms equal what the real optimizers allocate."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from galore_ds import GaLoreAdamW, GaLoreAdamW8bit, param_groups
-from galore_ds.config import ModelConfig
-from galore_ds.estimate import Shape, estimate, main
-from galore_ds.model import build_model, num_params
+from galore_ds.train.config import ModelConfig
+from galore_ds.tools.estimate import Shape, estimate, main
+from galore_ds.train.model import build_model, num_params
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=128)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from galore_ds.config import ConfigError, DistEnv, from_dict, validate
+from galore_ds.train.config import ConfigError, DistEnv, from_dict, validate
 from recipes import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_fsdp_engine_builds_adafactor():
     """training.optimizer=galore_adafactor on the fsdp engine is FSDPGaLoreAdafactor, with the
     recipe's fixed-lr settings (exactness: tests/dist/fsdp_cases.py adafactor_* cases)."""
     from galore_ds.distributed.fsdp import FSDPGaLoreAdafactor
-    from galore_ds.train.engine_fsdp import FSDP_OPTIMIZERS
+    from galore_ds.train.engines.fsdp import FSDP_OPTIMIZERS
     from galore_ds.train.optim import build_optimizer
 
     cfg = from_dict({"training": {"optimizer": "galore_adafactor", "lr": 0.003}})

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from galore_ds import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, param_groups
-from galore_ds import projector as pj
-from galore_ds.layerwise import LayerwiseOptimizer
-from galore_ds.optim.base import side_of
+from galore_ds.core import projector as pj
+from galore_ds import LayerwiseOptimizer
 from tiny_models import batch, tiny_llama
 
 VOCAB = 96
@@ -131,41 +130,44 @@ def test_naive_per_microbatch_stepping_is_wrong():
     assert max_abs_diff(ref, model) > 1e-3
 
 
-def test_clip_full_norm_equals_clip_grad_norm_():
-    """clip_norm='full' (k=1) == clip_grad_norm_ + ordinary step; oversized grads hit the threshold."""
+def test_k1_exact_clipping_equals_the_optimizers_own_clipping():
+    """k=1 with max_grad_norm: the per-layer hooks clip exactly as the optimizer's own step does
+    (the norm of what it consumes); oversized gradients hit the threshold."""
     max_norm = 0.05
-    ref, ref_opt = make(lr=1e-2)
+    ref, ref_opt = make(lr=1e-2, max_grad_norm=max_norm)
     model, opt = make(lr=1e-2)
-    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm, clip_norm="full")
-    ref_norms = reference_steps(ref, ref_opt, 4, 1, clip=max_norm)
+    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm)
     for s in range(4):
+        ref_opt.zero_grad(set_to_none=True)
+        loss_of(ref, big_batch(s, 1)).backward()
+        ref_opt.step()
         (loss_of(model, big_batch(s, 1))).backward()
         assert lw.step()
         assert all(p.grad is None for p in model.parameters())
-        assert lw.full_grad_norm == pytest.approx(ref_norms[s], rel=1e-5)
-        assert lw.full_grad_norm > 10 * max_norm          # oversized
-        assert lw.clip_coef * lw.full_grad_norm == pytest.approx(max_norm, rel=1e-4)
-        assert lw.grad_norm <= lw.full_grad_norm * (1 + 1e-6)  # projection never grows it
+        assert lw.grad_norm == pytest.approx(ref_opt.grad_norm, rel=1e-5)
+        assert lw.grad_norm > 10 * max_norm          # oversized
+        assert lw.clip_coef * lw.grad_norm == pytest.approx(max_norm, rel=1e-4)
+        assert ref_opt.clip_coef == pytest.approx(lw.clip_coef, rel=1e-5)
     assert max_abs_diff(ref, model) < 1e-5
 
 
 def test_delayed_clipping_uses_the_previous_norm_and_keeps_updates_in_the_hooks():
     """clip_timing='delayed' (k=1): step t's gradient is scaled by the coefficient from step
-    t-1's full norm (step 0 unscaled), updates still run inside the hooks (gradients freed as
+    t-1's norm (step 0 unscaled), updates still run inside the hooks (gradients freed as
     they come: no deferred low-rank buffers), and the logged norm is this step's, exact."""
     max_norm, steps = 0.05, 5
     ref, ref_opt = make(lr=1e-2)
     model, opt = make(lr=1e-2)
-    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm, clip_norm="full", clip_timing="delayed")
+    lw = LayerwiseOptimizer(opt, max_grad_norm=max_norm, clip_timing="delayed")
     assert not lw.deferred
     coef, norms, coefs = 1.0, [], []
     for s in range(steps):
         ref_opt.zero_grad(set_to_none=True)
         loss_of(ref, big_batch(s, 1)).backward()
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]))
         for p in ref.parameters():
             p.grad.mul_(coef)
         ref_opt.step()
+        norm = ref_opt.grad_norm / coef  # the consumed norm of the unscaled gradient
         norms.append(norm)
         coefs.append(coef)
         coef = min(1.0, max_norm / (norm + 1e-6))
@@ -178,7 +180,7 @@ def test_delayed_clipping_uses_the_previous_norm_and_keeps_updates_in_the_hooks(
     for s in range(steps):
         loss_of(model, big_batch(s, 1)).backward()
         assert lw.step()
-        assert lw.full_grad_norm == pytest.approx(norms[s], rel=1e-5)
+        assert lw.grad_norm == pytest.approx(norms[s], rel=1e-5)
         assert lw.clip_coef == pytest.approx(coefs[s], rel=1e-6)
     for h in hooks:
         h.remove()
@@ -213,7 +215,7 @@ def _consumed_norm(model, opt):
             continue
         if p in galore:
             st = opt.state[p]
-            sq += float(pj.project(p.grad, st["proj"], side_of(st)).square().sum())
+            sq += float(pj.project(p.grad, st["proj"], "right" if st["proj_right"] else "left").square().sum())
         else:
             sq += float(p.grad.square().sum())
     return math.sqrt(sq)
@@ -234,7 +236,6 @@ def test_clip_lowrank_with_accumulation_scales_to_threshold():
             lw.step()
         assert lw.grad_norm > 10 * max_norm
         assert lw.clip_coef * lw.grad_norm == pytest.approx(max_norm, rel=1e-4)
-        assert lw.full_grad_norm is None
         coefs.append(lw.clip_coef)
         norms.append(lw.grad_norm)
     ref, ref_opt = make(lr=1e-2)
@@ -256,7 +257,7 @@ def test_no_clip_when_under_threshold():
     lw = LayerwiseOptimizer(opt, max_grad_norm=1e6)
     loss_of(model, big_batch(0, 1)).backward()
     lw.step()
-    assert lw.clip_coef == 1.0 and lw.grad_norm > 0 and lw.full_grad_norm > 0
+    assert lw.clip_coef == 1.0 and lw.grad_norm > 0
 
 
 def test_scheduler_steps_once_per_optimizer_step():
@@ -332,7 +333,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         LayerwiseOptimizer(opt, accumulation_steps=0)
     with pytest.raises(ValueError):
-        LayerwiseOptimizer(opt, accumulation_steps=2, clip_norm="full")
+        LayerwiseOptimizer(opt, max_grad_norm=0.0)
+    with pytest.raises(ValueError):
+        LayerwiseOptimizer(opt, clip_timing="later")
     with pytest.raises(TypeError):
         LayerwiseOptimizer(torch.optim.SGD(model.parameters(), lr=1.0))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from galore_ds.config import DistEnv, from_dict
-from galore_ds.model import build_model
-from galore_ds.train.engine import engine_class
+from galore_ds.train.config import DistEnv, from_dict
+from galore_ds.train.model import build_model
+from galore_ds.train.engines.base import engine_class
 
 
 def cfg(optimizer="galore_adamw", accumulation=2, clip=0.0):

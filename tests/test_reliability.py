@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from galore_ds.config import DistEnv, from_dict, validate
-from galore_ds.data import StepLoader, build_datasets
-from galore_ds.model import build_model
+from galore_ds.train.config import DistEnv, from_dict, validate
+from galore_ds.train.data import StepLoader, build_datasets
+from galore_ds.train.model import build_model
 from galore_ds.train import checkpoint, faults
-from galore_ds.train.engine_layerwise import LayerwiseEngine
-from galore_ds.train.engine_single import SingleEngine
+from galore_ds.train.engines.layerwise import LayerwiseEngine
+from galore_ds.train.engines.single import SingleEngine
 from galore_ds.train.trainer import train
 from recipes import flat, tiny_cfg, tiny_recipe
 

@@ -97,14 +97,14 @@ def test_state_has_no_python_objects_beyond_numbers_and_strings():
 
 def test_adamw_batches_are_bounded_and_give_the_same_step(monkeypatch):
     """Foreach batching by size changes memory, never the arithmetic."""
-    from galore_ds.optim import adamw
+    from galore_ds.core import adamw
 
     runs = []
-    real = adamw.GaLoreAdamW._adam
+    real = adamw.AdamWRule._adam
     for limit in (1 << 24, 1):  # one batch per group vs one item per batch
-        monkeypatch.setattr(adamw, "_FOREACH_BATCH_NUMEL", limit)
+        monkeypatch.setattr(adamw, "MAX_NUMEL", limit)
         sizes = []
-        monkeypatch.setattr(adamw.GaLoreAdamW, "_adam",
+        monkeypatch.setattr(adamw.AdamWRule, "_adam",
                             lambda self, items: (sizes.append(len(items)), real(self, items))[1])
         model = tiny_llama()
         opt = _make("adamw", model)
@@ -119,7 +119,7 @@ def test_adamw_batches_are_bounded_and_give_the_same_step(monkeypatch):
 def test_bf16_projector_storage_changes_no_weight(monkeypatch):
     """Storing bf16 weights' projectors in bf16 saves memory and nothing else: 7 steps with 3
     refreshes (gap 3) give bit-identical weights to the run with fp32-stored projectors."""
-    from galore_ds import projector as pj
+    from galore_ds.core import projector as pj
 
     def run():
         model = tiny_llama().to(torch.bfloat16)

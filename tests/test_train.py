@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from galore_ds.config import DistEnv
-from galore_ds.data import StepLoader, build_datasets
-from galore_ds.model import build_model
+from galore_ds.train.config import DistEnv
+from galore_ds.train.data import StepLoader, build_datasets
+from galore_ds.train.model import build_model
 from galore_ds.train import checkpoint
-from galore_ds.train.engine import EngineUnavailable, engine_class
-from galore_ds.train.engine_single import SingleEngine
+from galore_ds.train.engines.base import EngineUnavailable, engine_class
+from galore_ds.train.engines.single import SingleEngine
 from galore_ds.train.scheduler import lr_factor
 from galore_ds.train.trainer import train
 from recipes import flat, tiny_cfg
@@ -169,7 +169,7 @@ def test_metrics_and_plot(tmp_path, cache_dir):
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mem_gb", "refreshes"):
         assert key in tr[0]
     assert [r["step"] for r in ev] == [3, 6] and ev[0]["eval_ppl"] == pytest.approx(math.exp(ev[0]["eval_loss"]))
-    from galore_ds.plot import main
+    from galore_ds.tools.plot import main
 
     png = tmp_path / "loss.png"
     assert main([str(tmp_path / "run" / "metrics.jsonl"), "-o", str(png)]) == 0
@@ -177,7 +177,7 @@ def test_metrics_and_plot(tmp_path, cache_dir):
 
 
 def test_meta_built_model_matches_cpu_built(tmp_path, cache_dir):
-    from galore_ds.model import materialize
+    from galore_ds.train.model import materialize
 
     m = make_cfg(tmp_path, cache_dir).model
     a = build_model(m, seed=5, meta=False)
@@ -189,7 +189,7 @@ def test_meta_built_model_matches_cpu_built(tmp_path, cache_dir):
 
 
 def test_large_model_is_built_without_fp32_materialisation():
-    from galore_ds.config import ModelConfig
+    from galore_ds.train.config import ModelConfig
 
     m = ModelConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     dtype="bfloat16")
@@ -199,10 +199,10 @@ def test_large_model_is_built_without_fp32_materialisation():
 
 
 def test_unlanded_engine_is_reported_not_crashed(tmp_path, monkeypatch):
-    from galore_ds.train import engine as eng
+    from galore_ds.train.engines import base as eng
 
-    monkeypatch.setitem(eng.ENGINES, "future", "galore_ds.train.engine_future:FutureEngine")
-    with pytest.raises(EngineUnavailable, match="not available yet"):
+    monkeypatch.setitem(eng.ENGINES, "future", "galore_ds.train.engines.future:FutureEngine")
+    with pytest.raises(EngineUnavailable, match="not available"):
         engine_class("future")
     assert engine_class("single") is SingleEngine
 

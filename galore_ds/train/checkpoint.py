@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from galore_ds.train.engine import Engine
+from galore_ds.train.engines.base import Engine
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from galore_ds.config import Config, ConfigError
+from galore_ds.train.config import Config, ConfigError
 
 #: step files written by the loop itself (see checkpoint.py)
 TRAINER_FILE = "trainer.pt"

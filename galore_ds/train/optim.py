@@ -1,12 +1,13 @@
-"""Optimizer from the recipe (shared by engines)."""
+"""The recipe's optimizer, LR schedule and clipping, built the same way by every engine."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from galore_ds.config import Config
+from galore_ds.train.config import Config
 
 
 def galore_options(cfg: Config) -> dict[str, Any]:
@@ -22,34 +23,55 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
 
     g, t = cfg.galore, cfg.training
     if not g.enabled:
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        return [dict(params=decay, name="decay", weight_decay=t.weight_decay),
-                dict(params=no_decay, name="no_decay", weight_decay=0.0)]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [(n, p) for n, p in named if p.ndim >= 2]
+        no_decay = [(n, p) for n, p in named if p.ndim < 2]
+        return [dict(params=[p for _, p in part], param_names=[n for n, _ in part], name=name, weight_decay=wd)
+                for part, name, wd in ((decay, "decay", t.weight_decay), (no_decay, "no_decay", 0.0)) if part]
     return param_groups(model, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
                         proj_type=g.proj_type, target_modules=tuple(g.target_modules),
                         weight_decay=t.weight_decay, **galore_options(cfg))
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: Config,
-                    classes: Mapping[str, type] | None = None, **extra: Any) -> torch.optim.Optimizer:
-    """`training.optimizer` built from the recipe. `classes` maps galore_adamw /
-    galore_adamw8bit / galore_adafactor to the engine's variants (default: the single-process
-    optimizers); `extra` keywords go to the GaLore optimizers only."""
+def is_galore(cfg: Config) -> bool:
+    return cfg.training.optimizer != "adamw"
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) -> torch.optim.Optimizer:
+    """`training.optimizer` from the recipe. The GaLore optimizers clip by the global norm of
+    what they consume (training.grad_clip) and skip NaN/Inf steps themselves; `layout`
+    keywords (reduce_group) go to them only. The AdamW baseline is torch's: engines clip it
+    with `clip_full_gradients`."""
     from galore_ds import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-    classes = {"galore_adamw": GaLoreAdamW, "galore_adamw8bit": GaLoreAdamW8bit,
-               "galore_adafactor": GaLoreAdafactor, **(classes or {})}
     t = cfg.training
     betas = (t.beta1, t.beta2)
+    clip = t.grad_clip if t.grad_clip > 0 else None
     if t.optimizer == "adamw":
         groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
-    if t.optimizer in ("galore_adamw", "galore_adamw8bit"):
-        return classes[t.optimizer](groups, lr=t.lr, betas=betas, eps=t.eps,
-                                    weight_decay=t.weight_decay, **extra)
+    if t.optimizer == "galore_adamw":
+        return GaLoreAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
+                           max_grad_norm=clip, **layout)
+    if t.optimizer == "galore_adamw8bit":
+        return GaLoreAdamW8bit(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
+                               max_grad_norm=clip, **layout)
     if t.optimizer == "galore_adafactor":
         # A fixed LR so the warmup/cosine schedule applies (Adafactor's relative step would ignore it).
-        return classes[t.optimizer](groups, lr=t.lr, relative_step=False, scale_parameter=False,
-                                    weight_decay=t.weight_decay, **extra)
+        return GaLoreAdafactor(groups, lr=t.lr, relative_step=False, scale_parameter=False,
+                               weight_decay=t.weight_decay, max_grad_norm=clip, **layout)
     raise ValueError(f"training.optimizer: {t.optimizer!r}")
+
+
+def clip_full_gradients(params: list[torch.Tensor], cfg: Config) -> float:
+    """torch's clip_grad_norm_ for the AdamW baseline (an inf max only measures); returns the
+    pre-clip global norm (exact on DTensor gradients too)."""
+    clip = cfg.training.grad_clip
+    return float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Config):
+    from galore_ds.train.scheduler import warmup_cosine as schedule
+
+    t = cfg.training
+    return schedule(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)

@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import torch
 
-from galore_ds.config import Config, DistEnv
-from galore_ds.data import StepLoader, build_datasets, build_streaming, eval_batches
-from galore_ds.model import build_model, num_params, use_meta
+from galore_ds.train.config import Config, DistEnv
+from galore_ds.train.data import StepLoader, build_datasets, build_streaming, eval_batches
+from galore_ds.train.model import build_model, num_params, use_meta
 from galore_ds.train import checkpoint, faults
-from galore_ds.train.engine import Engine, make_engine
+from galore_ds.train.engines.base import Engine, make_engine
 from galore_ds.train.metrics import MetricsLogger
 
 

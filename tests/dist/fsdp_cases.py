@@ -564,9 +564,9 @@ ENGINE8_LOSS_TOL = 2e-4  # relative, per step, after the 2 -> 3 engine resume
 def engine8bit(world: int, seed: int = 0):
     """The fsdp engine (tiny LLaMA, galore_adamw8bit, 12 micro-batches of 1 per step, clipping)
     with min_8bit_size lowered on its groups (no recipe key; moments are created at step 1)."""
-    from galore_ds.config import DistEnv, from_dict
-    from galore_ds.model import build_model
-    from galore_ds.train.engine_fsdp import FSDPEngine
+    from galore_ds.train.config import DistEnv, from_dict
+    from galore_ds.train.model import build_model
+    from galore_ds.train.engines.fsdp import FSDPEngine
 
     rank = dist.get_rank()
     cfg = from_dict({
@@ -675,11 +675,11 @@ def case_engine(world: int, replicate: int = 1, clip: float = 0.05, layerwise: b
     equals the single-process layerwise engine (8 micro-batches of 1)."""
     if world != (2 if replicate == 1 else 4):
         return {"skipped": "runs on 2 ranks (HSDP: 4)"}
-    from galore_ds.config import DistEnv, from_dict
-    from galore_ds.model import build_model
-    from galore_ds.train.engine_fsdp import FSDPEngine
-    from galore_ds.train.engine_layerwise import LayerwiseEngine
-    from galore_ds.train.engine_single import SingleEngine
+    from galore_ds.train.config import DistEnv, from_dict
+    from galore_ds.train.model import build_model
+    from galore_ds.train.engines.fsdp import FSDPEngine
+    from galore_ds.train.engines.layerwise import LayerwiseEngine
+    from galore_ds.train.engines.single import SingleEngine
 
     rank = dist.get_rank()
     cfg = from_dict({

@@ -22,7 +22,7 @@ def main() -> int:
     kill_at = int(os.environ.get("KILL_AT", "0"))
     if kill_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" \
             and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1"):
-        from galore_ds.train.engine import engine_class
+        from galore_ds.train.engines.base import engine_class
 
         cls = engine_class(os.environ.get("KILL_ENGINE", "fsdp"))
         real = cls.train_step
@@ -39,7 +39,7 @@ def main() -> int:
     nan_at = int(os.environ.get("NAN_AT", "0"))
     if nan_at and os.environ.get("RANK") == os.environ.get("NAN_RANK", "1"):
         # this rank's loss (so its gradient, so the reduced gradient) is NaN in step NAN_AT only
-        from galore_ds.train.engine import engine_class
+        from galore_ds.train.engines.base import engine_class
 
         cls = engine_class(os.environ.get("KILL_ENGINE", "fsdp"))
         real_step = cls.train_step

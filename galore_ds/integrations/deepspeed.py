@@ -1,0 +1,140 @@
+"""DeepSpeed: the GaLore optimizers as DeepSpeed optimizer types, bound to ZeRO's layout.
+
+    import galore_ds.integrations.deepspeed as gds
+    gds.register()                                    # once, before deepspeed.initialize
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=galore_ds.GaLoreAdamW(groups),
+                                             config=ds_config)
+    # or, with "optimizer": {"type": "GaLoreAdamW", "params": {"rank": 128, ...}} in the JSON:
+    engine, opt, _, _ = gds.initialize(model=model, config="ds_config.json")  # groups by module name
+
+What `register()` changes outside galore_ds, and why (the only such place in the package;
+explicit and idempotent):
+1. torch.optim.GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor become galore_ds's classes:
+   DeepSpeed resolves a JSON "optimizer" type that is not one of its own with
+   getattr(torch.optim, NAME)(model_parameters, **params).
+2. deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS gains the three classes, so ZeRO
+   needs no "zero_allow_untested_optimizer".
+3. DeepSpeedEngine._configure_optimizer is wrapped. DeepSpeed replaces the optimizer's
+   parameters with flat partitions and never tells the optimizer how; after DeepSpeed has
+   built its wrapper, the wrapper's layout is read (layouts/zero.py) and handed to the GaLore
+   optimizer (`optimizer.zero`), or at ZeRO-0 its data-parallel group (`replica_group`: each
+   SVD then runs once, on an owner). While DeepSpeed configures, GaLore optimizers ignore
+   steps: FP16_UnfusedOptimizer and BF16_Optimizer take one on zero gradients to create
+   states, which would compute projectors from zeros.
+A GaLore optimizer that meets flat partitions without this binding refuses with one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galore_ds.core.groups import DEFAULT_TARGET_MODULES, GALORE_KEYS, GALORE_OPTION_DEFAULTS, param_groups
+from galore_ds.layouts.optimizer import GaLoreOptimizer, steps_ignored
+from galore_ds.layouts.zero import read_zero_layout
+from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+JSON_NAMES = {"GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit,
+              "GaLoreAdafactor": GaLoreAdafactor}
+_REGISTERED = False
+
+
+def _require_deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("galore_ds.integrations.deepspeed needs DeepSpeed: "
+                          "pip install 'galore_ds[deepspeed]'") from None
+    return deepspeed
+
+
+def register() -> None:
+    """Make the GaLore optimizers DeepSpeed optimizer types (see the module docstring)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _require_deepspeed()
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    for name, cls in JSON_NAMES.items():
+        setattr(torch.optim, name, cls)
+        if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    Engine = ds_engine.DeepSpeedEngine
+    configure = Engine._configure_optimizer
+
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        with steps_ignored():
+            out = configure(self, client_optimizer, model_parameters)
+        bind(self)
+        return out
+
+    Engine._configure_optimizer = _configure_optimizer
+    _REGISTERED = True
+
+
+def bind(engine) -> None:
+    """Tell the engine's GaLore optimizer how DeepSpeed laid out its parameters."""
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, GaLoreOptimizer):
+        return
+    stage = int(engine.zero_optimization_stage())
+    wrapper = engine.optimizer if engine.optimizer is not opt else None
+    opt.zero = read_zero_layout(wrapper, stage)
+    if opt.zero is None:  # real parameters with the all-reduced gradient (ZeRO-0)
+        import torch.distributed as dist
+
+        group = getattr(engine, "seq_data_parallel_group", None)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            opt.replica_group = group
+            opt.forget_layouts()
+
+
+def _load(config: Any) -> dict | None:
+    if config is None:
+        return None
+    if isinstance(config, (str, Path)):
+        return json.loads(Path(config).read_text())
+    return dict(config)
+
+
+def galore_param_groups(model, optimizer_params: dict) -> list[dict]:
+    """Name-based groups from a JSON optimizer `params` dict (rank, target_modules, ...)."""
+    p = dict(optimizer_params)
+    kwargs = {k: p[k] for k in GALORE_KEYS if k in p}
+    kwargs["target_modules"] = tuple(p.get("target_modules", DEFAULT_TARGET_MODULES))
+    kwargs["weight_decay"] = p.get("weight_decay", 0.0)
+    opts = {k: p[k] for k in GALORE_OPTION_DEFAULTS if k in p}
+    return param_groups(model, **kwargs, **opts)
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
+               config_params=None, **kwargs):
+    """deepspeed.initialize after `register()`; when the config's optimizer is a GaLore type
+    whose params carry `rank` and no model_parameters are given, the parameter groups are
+    built by module name (galore_ds.param_groups: `target_modules`, default attn/mlp;
+    embeddings and lm_head full-rank; vectors without weight decay), exactly as the
+    single-process recipe builds them."""
+    deepspeed = _require_deepspeed()
+    register()
+    cfg = _load(config if config is not None else config_params)
+    opt_cfg = (cfg or {}).get("optimizer") or {}
+    params = dict(opt_cfg.get("params") or {})
+    if (optimizer is None and model_parameters is None and model is not None
+            and opt_cfg.get("type") in JSON_NAMES and "rank" in params):
+        model_parameters = galore_param_groups(model, params)
+        # the groups carry the GaLore keys; the optimizer keeps lr, betas, ... as defaults
+        for key in ("target_modules", *GALORE_KEYS):
+            params.pop(key, None)
+        cfg = dict(cfg)
+        cfg["optimizer"] = dict(opt_cfg, params=params)
+    if cfg is not None:
+        kwargs["config"] = cfg
+    return deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                model_parameters=model_parameters, **kwargs)
+
+
+__all__ = ["register", "bind", "initialize", "galore_param_groups", "JSON_NAMES"]

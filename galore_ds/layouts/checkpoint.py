@@ -1,0 +1,385 @@
+"""Optimizer state that does not depend on the world size: save on W ranks, load on W'.
+
+Every state tensor of a parameter is a piece of one LOGICAL tensor (`place`):
+  - the moments of a GaLore matrix are blocks of the moments of the whole R (m x r right, r x n
+    left): rows when a rank holds rows of R, columns when it holds columns, whole otherwise;
+  - the moments of another parameter are blocks of a tensor shaped like it (a DeepSpeed ZeRO
+    piece of a flat partition: a range of the flattened parameter);
+  - Adafactor's row statistic follows R's rows, its column statistic R's columns;
+  - projectors, counters and RMS are whole (the same on every rank that holds them).
+GaLoreAdamW8bit's codes have one absmax per 256 values of the rank's OWN moment block, so
+they are not blocks of one tensor: each rank saves its codes as they are (2 bytes per entry,
+as in memory) with where its block lies. A rank with the same block and form installs them
+unchanged (a resume on the same world size is bit-identical); otherwise it dequantizes the
+saved blocks that overlap its own, each with its own absmax, and quantizes its block in its
+own blocks (within one code step: the signed map has +1 but no -1, so re-quantizing is not
+the identity, which is why the same layout keeps the raw codes).
+
+Two ways to write it:
+- `dcp_state_dict` / `dcp_load` (FSDP2 and plain layouts): torch.distributed.checkpoint, the
+  logical blocks as DTensors split like their parameter, so DCP reshards them;
+- `save_pieces` / `load_pieces` (any layout, DeepSpeed ZeRO's arbitrary ranges included): one
+  file per rank, `galore_state_rank<r>.pt` (torch.load(weights_only=True)), read with mmap
+  and assembled into whatever block the loading rank holds.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from galore_ds.core import projector as pj
+from galore_ds.core.adamw8bit import BLOCKSIZE, init_moments, qmap
+from galore_ds.layouts.entry import Entry
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+#: GaLoreAdamW8bit's form of each Adam moment: (codes or fp32 key, absmax key, signed map)
+EIGHT_BIT = {"exp_avg": ("state1", "absmax1", True), "exp_avg_sq": ("state2", "absmax2", False)}
+EIGHT_BIT_KEYS = frozenset(k for v in EIGHT_BIT.values() for k in v[:2])
+SCALAR_KEYS = ("step", "refresh_offset", "proj_right")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank's state tensor lies in its logical tensor."""
+
+    shape: tuple[int, ...]   # the logical tensor's shape
+    dim: int | None          # split dimension (None: whole)
+    start: int = 0           # offset of the rank's block along `dim`
+
+
+def low_place(e: Entry) -> Place:
+    """Where this rank's block of a parameter's moments lies: R for GaLore matrices, the
+    parameter itself (flattened, for a ZeRO piece) for the others."""
+    lay = e.layout
+    if e.galore:
+        r, (m, n) = e.group["rank"], lay.shape
+        if e.side == "right":
+            return Place((m, r), 0, lay.rows[0]) if lay.group is not None and lay.split_dim == 0 else Place((m, r), None)
+        return Place((r, n), 1, lay.cols[0]) if lay.group is not None and lay.split_dim == 1 else Place((r, n), None)
+    if lay.piece is not None and not _rows_kept(e):
+        return Place((lay.numel,), 0, lay.piece.start) if lay.group is not None else Place((lay.numel,), None)
+    if lay.group is None:
+        return Place(lay.shape, None)
+    start = lay.rows[0] if lay.split_dim == 0 else lay.cols[0]
+    return Place(lay.shape, lay.split_dim, start)
+
+
+def _rows_kept(e: Entry) -> bool:
+    """Whether the entry's non-GaLore state is kept as 2-D rows (Adafactor) or flat (Adam)."""
+    return e.p_local.dim() == 2
+
+
+def place(e: Entry, key: str, value: torch.Tensor) -> Place:
+    """Where state tensor `key` of entry `e` lies (see the module docstring)."""
+    low = low_place(e)
+    if key in ADAM_KEYS or key in EIGHT_BIT_KEYS:
+        return low
+    if key == "exp_avg_sq_row":  # follows R's rows
+        shape = low.shape[:-1]
+        return Place(shape, 0, low.start) if low.dim == 0 else Place(shape, None)
+    if key == "exp_avg_sq_col":  # follows R's columns
+        shape = low.shape[:-2] + low.shape[-1:]
+        return Place(shape, 0, low.start) if low.dim == 1 else Place(shape, None)
+    if key == "exp_avg_sq":      # Adafactor's vector statistic: like the vector
+        return low
+    return Place(tuple(value.shape), None)  # proj, RMS, counters
+
+
+def local_slice(p: Place, length: int) -> slice:
+    return slice(p.start, p.start + length)
+
+
+# --------------------------------------------------------------------- 8-bit <-> dense
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor | None, signed: bool) -> torch.Tensor:
+    """The fp32 values of an 8-bit moment block (fp32 blocks come back as they are)."""
+    import bitsandbytes.functional as bnbf
+
+    if codes.dtype != torch.uint8:
+        return codes.float()
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=qmap(codes.device, signed), blocksize=BLOCKSIZE)
+
+
+def eight_bit_form(values: dict[str, torch.Tensor], group: dict, shape: tuple[int, ...],
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """GaLoreAdamW8bit's state for a dense block of the Adam moments: quantized in this
+    rank's blocks, or fp32 below min_8bit_size (the optimizer's own rule)."""
+    import bitsandbytes.functional as bnbf
+
+    out: dict[str, torch.Tensor] = {}
+    init_moments(out, torch.empty(shape, device=device), group)
+    for key, (sk, ak, signed) in EIGHT_BIT.items():
+        x = values[key].float().contiguous().reshape(shape).to(device)
+        if out[sk].dtype != torch.uint8:
+            out[sk].copy_(x)
+        elif x.numel():
+            out[sk], qs = bnbf.quantize_blockwise(x, code=qmap(device, signed), blocksize=BLOCKSIZE)
+            out[ak] = qs.absmax
+    return out
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, bool):
+        return torch.tensor(value, dtype=torch.bool)
+    if isinstance(value, int):
+        return torch.tensor(value, dtype=torch.int64)
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def _from_tensor(t: torch.Tensor) -> Any:
+    if t.dtype == torch.bool:
+        return bool(t)
+    if t.dtype == torch.int64:
+        return int(t)
+    return float(t)
+
+
+# --------------------------------------------------------------------- names and entries
+def named_entries(opt, names: dict[int, str] | None = None) -> Iterator[tuple[str, Entry]]:
+    """(name, Entry) of every parameter this rank keeps state for. Names come from the
+    groups' `param_names` (galore_ds.param_groups writes them), else `names` (id(param) ->
+    name), else the parameter's index; ZeRO pieces are named by their state key."""
+    for group in opt.param_groups:
+        pnames = group.get("param_names")
+        for pos, p in enumerate(group["params"]):
+            flat = opt.zero.flats.get(id(p)) if opt.zero is not None else None
+            if flat is not None:
+                for seg in flat.segments:
+                    if seg.layout is not None and seg.key in opt.state:
+                        yield seg.key, opt.entry(seg.key, p, seg.layout, group, seg.index, seg.pos,
+                                                 seg.n_in_group, None)
+                continue
+            if p not in opt.state:
+                continue
+            if pnames is not None:
+                name = pnames[pos]
+            elif names is not None and id(p) in names:
+                name = names[id(p)]
+            else:
+                name = f"param{opt.param_index(p)}"
+            yield name, opt.entry(p, p, opt.layout_of(p), group, opt.param_index(p), pos,
+                                  len(group["params"]), None)
+
+
+# --------------------------------------------------------------------- DCP (DTensor layouts)
+def _dtensor_like(local: torch.Tensor, param: torch.Tensor, where: Place) -> torch.Tensor:
+    """`local` as a DTensor block of its logical tensor, split like `param` along where.dim."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    placements = [Shard(where.dim) if type(pl).__name__ == "Shard" else Replicate() for pl in param.placements]
+    stride, acc = [], 1
+    for d in reversed(where.shape):
+        stride.insert(0, acc)
+        acc *= d
+    return DTensor.from_local(local.contiguous(), param.device_mesh, placements, run_check=False,
+                              shape=torch.Size(where.shape), stride=tuple(stride))
+
+
+def _shard_key(name: str, key: str, shard: int, shards: int) -> str:
+    return f"{name}.{key}@shard{shard}of{shards}"
+
+
+def _shard_of(e: Entry) -> tuple[int, int]:
+    lay = e.layout
+    if lay.group is None:
+        return 0, 1
+    return lay.rank_in_group, len(lay.counts)
+
+
+def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
+    """{"model": ..., "optim": ...} for torch.distributed.checkpoint.save (see the module
+    docstring): state keyed by parameter name, blocks of split logical tensors as DTensors,
+    GaLoreAdamW8bit's codes per shard as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim: dict[str, Any] = {}
+    for gi, group in enumerate(opt.param_groups):
+        optim[f"group{gi}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+    for name, e in named_entries(opt, names):
+        shard, shards = _shard_of(e)
+        for key, value in e.state.items():
+            if not torch.is_tensor(value):
+                optim[f"{name}.{key}"] = _as_tensor(value)
+            elif key in EIGHT_BIT_KEYS:
+                optim[_shard_key(name, key, shard, shards)] = value
+            else:
+                where = place(e, key, value)
+                split = where.dim is not None and e.layout.group is not None
+                optim[f"{name}.{key}"] = _dtensor_like(value, e.param, where) if split else value
+    return {"model": get_model_state_dict(model), "optim": optim}
+
+
+def _rule_keys(opt, e: Entry) -> dict[str, tuple[int, ...]]:
+    """{state key: local shape} of the state the rule keeps for this entry's block."""
+    low = low_place(e)
+    local = list(low.shape)
+    if low.dim is not None:
+        lay = e.layout
+        if e.galore or lay.piece is None or _rows_kept(e):
+            span = lay.rows if (low.dim == 0) else lay.cols
+        else:
+            span = (lay.piece.start, lay.piece.end)
+        local[low.dim] = span[1] - span[0]
+    local = tuple(local)
+    name = type(opt.rule).__name__
+    if name == "AdafactorRule":
+        keys: dict[str, tuple[int, ...]] = {"RMS": ()}
+        if e.group["beta1"] is not None:
+            keys["exp_avg"] = local
+        if len(local) >= 2:
+            keys["exp_avg_sq_row"] = local[:-1]
+            keys["exp_avg_sq_col"] = local[:-2] + local[-1:]
+        else:
+            keys["exp_avg_sq"] = local
+        return keys
+    return {"exp_avg": local, "exp_avg_sq": local}
+
+
+def _saved_tensors(checkpoint_id: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(checkpoint_id).read_metadata()
+    return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
+    """Load a checkpoint written by `dcp_state_dict` + dcp.save, on any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    saved = _saved_tensors(checkpoint_id)
+    names = {id(p): n for n, p in model.named_parameters()}
+    eight_bit = type(opt.rule).__name__ == "AdamW8bitRule"
+    optim: dict[str, Any] = {f"group{gi}.lr": torch.tensor(0.0, dtype=torch.float64)
+                             for gi in range(len(opt.param_groups))}
+    plans = []
+    for name, e in _all_entries(opt, names):
+        device = e.p_local.device
+        st: dict[str, torch.Tensor] = {"step": torch.tensor(-1, dtype=torch.int64)}
+        if e.galore:
+            m, n = e.layout.shape
+            r = e.group["rank"]
+            st["proj"] = torch.zeros((r, n) if e.side == "right" else (m, r),
+                                     dtype=pj.storage_dtype(e.p_local.dtype), device=device)
+            st["proj_right"] = torch.tensor(e.side == "right")
+            st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
+        keys = _rule_keys(opt, e)
+        raw: dict[str, str] = {}
+        overlaps: list[tuple[int, int, int]] = []
+        shards_saved = _saved_shards(name, saved) if eight_bit else None
+        if shards_saved is not None:
+            raw, overlaps = _plan_8bit(opt, e, name, keys["exp_avg"], shards_saved, saved, optim)
+            keys = {}
+        for key, shape in keys.items():
+            t = torch.zeros(shape, device=device)
+            where = place(e, key, t)
+            split = where.dim is not None and e.layout.group is not None
+            st[key] = _dtensor_like(t, e.param, where) if split else t
+        for key, value in st.items():
+            optim[f"{name}.{key}"] = value
+        plans.append((name, e, st, raw, overlaps, shards_saved))
+    sd = {"model": get_model_state_dict(model), "optim": optim}
+    dcp.load(sd, checkpoint_id=checkpoint_id, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(model, sd["model"])
+    optim = sd["optim"]
+    for gi, group in enumerate(opt.param_groups):
+        group["lr"] = float(optim[f"group{gi}.lr"])
+    for name, e, st, raw, overlaps, shards_saved in plans:
+        if int(optim[f"{name}.step"]) == -1:
+            opt.state.pop(e.key, None)
+            continue
+        new: dict[str, Any] = {}
+        for key in st:
+            v = optim[f"{name}.{key}"]
+            v = v.to_local() if hasattr(v, "to_local") else v
+            new[key] = _from_tensor(v) if key in SCALAR_KEYS else v.clone()
+        if raw:
+            new.update({k: optim[v].clone() for k, v in raw.items()})
+        elif shards_saved is not None:
+            dense = _assemble_8bit(e, name, optim, overlaps, shards_saved)
+            new.update(eight_bit_form(dense, e.group, dense["exp_avg"].shape, e.p_local.device))
+        opt.state[e.key] = new
+
+
+def _all_entries(opt, names: dict[int, str]) -> Iterator[tuple[str, Entry]]:
+    """(name, Entry) of every parameter, state or not (a loading optimizer has none yet)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state.setdefault(p, {})
+    yield from named_entries(opt, names)
+
+
+def _saved_shards(name: str, saved: dict) -> int | None:
+    prefix = f"optim.{name}.state1@shard0of"
+    return next((int(k[len(prefix):]) for k in saved if k.startswith(prefix)), None)
+
+
+def _plan_8bit(opt, e: Entry, name: str, moment: tuple[int, ...], shards_saved: int, saved: dict,
+               optim: dict) -> tuple[dict[str, str], list[tuple[int, int, int]]]:
+    """Placeholders for the saved 8-bit shards this rank needs: its own layout's (installed as
+    they are) when shard count, shapes and form match, else every saved shard overlapping its
+    block (re-formed). Returns ({state key: checkpoint key} of raw tensors, overlaps)."""
+    shard, shards = _shard_of(e)
+    device = e.p_local.device
+    if shards_saved == shards:
+        fresh: dict[str, torch.Tensor] = {}
+        init_moments(fresh, torch.empty(moment, device=device), e.group)
+        keys = {k: _shard_key(name, k, shard, shards) for k in fresh}
+        if all(saved.get("optim." + keys[k]) == (v.shape, v.dtype) for k, v in fresh.items()):
+            optim.update({keys[k]: v for k, v in fresh.items()})
+            return keys, []
+    where = low_place(e)
+    dim = where.dim if where.dim is not None else 0
+    starts = [0]
+    for k in range(shards_saved):
+        starts.append(starts[-1] + saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0][dim])
+    lo = where.start if where.dim is not None else 0
+    hi = lo + moment[dim]
+    overlaps = []
+    for k in range(shards_saved):
+        if starts[k] < hi and lo < starts[k + 1] or starts[k] == starts[k + 1] == lo == hi:
+            overlaps.append((k, starts[k], starts[k + 1]))
+            for key in EIGHT_BIT_KEYS:
+                full = f"optim.{_shard_key(name, key, k, shards_saved)}"
+                if full in saved:
+                    shape, dtype = saved[full]
+                    optim[full[len("optim."):]] = torch.empty(shape, dtype=dtype, device=device)
+    return {}, overlaps
+
+
+def _assemble_8bit(e: Entry, name: str, loaded: dict, overlaps, shards_saved: int) -> dict[str, torch.Tensor]:
+    """This rank's block of each Adam moment from the saved 8-bit shards that overlap it."""
+    where = low_place(e)
+    dim = where.dim if where.dim is not None else 0
+    lo = where.start if where.dim is not None else 0
+    out = {}
+    for key, (sk, ak, signed) in EIGHT_BIT.items():
+        pieces = []
+        for k, start, stop in overlaps:
+            codes = loaded[_shard_key(name, sk, k, shards_saved)]
+            absmax = loaded.get(_shard_key(name, ak, k, shards_saved))
+            values = dequantize(codes, absmax, signed)
+            pieces.append(values.narrow(dim, max(lo, start) - start, min(stop, lo + _len(e, dim)) - max(lo, start)))
+        out[key] = torch.cat(pieces, dim=dim)
+    return out
+
+
+def _len(e: Entry, dim: int) -> int:
+    where = low_place(e)
+    lay = e.layout
+    if where.dim is None:
+        return where.shape[dim]
+    span = lay.rows if dim == 0 and (e.galore or lay.split_dim == 0) else lay.cols
+    return span[1] - span[0]
+
+
+__all__ = ["dcp_state_dict", "dcp_load", "place", "low_place", "Place", "named_entries",
+           "dequantize", "eight_bit_form"]

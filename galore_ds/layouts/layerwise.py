@@ -1,0 +1,401 @@
+"""Per-layer GaLore updates: the 24 GB single-GPU mode, on one rank or inside an FSDP2 backward.
+
+Each parameter is updated inside its post-accumulate-grad hook, while backward is still
+running, and its full gradient is freed right after: at no time are all full gradients
+stored (the paper's 7B-on-one-GPU mode). The optimizer is any GaLore optimizer on any layout
+it supports (plain tensors; FSDP2 shards, whose hooks FSDP2 runs right after each shard's
+reduce-scatter, in the same order on every rank); non-GaLore parameters (embeddings,
+lm_head, norms) are stepped the same way with the optimizer's full-rank rule.
+
+    opt = GaLoreAdamW8bit(param_groups(model, rank=1024), lr=5e-3)
+    lw = LayerwiseOptimizer(opt, accumulation_steps=4, max_grad_norm=1.0, lr_scheduler=sched)
+    for batch in loader:
+        (model(**batch).loss / lw.accumulation_steps).backward()
+        if lw.step(): log(lw.grad_norm)          # True once per optimizer step
+
+Gradient accumulation (exact)
+-----------------------------
+An optimizer step covers `accumulation_steps` (k) micro-batches; `lw.step()` is called
+after each micro-batch's backward and returns True when a step was completed.
+- A GaLore matrix whose projector is NOT refreshed at this step accumulates its projected
+  gradient R = sum_i P(G_i) (fp32) and frees G_i at once: projection is linear, so this
+  equals P(sum_i G_i) up to rounding.
+- A GaLore matrix whose projector IS refreshed at this step (known at the start of the
+  window: refresh steps depend only on the step count) keeps its full gradient, which
+  autograd accumulates in `p.grad` across the window; at the last micro-batch the new basis
+  is computed from the full sum, then it is projected and freed. With `stagger=True` only
+  about n/update_proj_gap matrices hold a full gradient in any window.
+- Non-GaLore parameters accumulate their full gradient in `p.grad` and are updated once per
+  window.
+The update is then the optimizer's own rule on the accumulated gradient: k micro-batches of B
+equal one batch of kB with the ordinary optimizer (tested to 1e-5).
+
+Clipping and the gradient norm
+------------------------------
+`grad_norm` is the global L2 norm of what the optimizer consumes (the same definition as
+the optimizer's own step): the projected gradient R of each GaLore matrix and the full
+gradient of every other parameter, accumulated over the window, before clipping. On a
+sharded layout it costs ONE scalar all-reduce per step. With `max_grad_norm`
+(clip_timing="exact", the default) every update is deferred to `lw.step()` (two passes):
+backward stores R (GaLore) or the full gradient (others), then the coefficient
+min(1, max_norm / (norm + 1e-6)) scales them and the updates run. Without clipping and
+with k == 1, each parameter is updated inside its hook (the minimal memory mode); with k > 1
+the low-rank accumulators exist anyway, so deferring costs nothing. Exact clipping at k == 1
+holds every R until the end of backward: 6.8 GiB of fp32 for a 7B model at rank 1024, which
+breaks the 24 GB budget. clip_timing="delayed" keeps the minimal memory mode and clips step
+t's update by the coefficient computed from step t-1's norm (step 0 is unclipped; with
+warmup its lr is the run's smallest). The norm of step t is still exact and logged.
+
+NaN/Inf gradients
+-----------------
+Deferred mode (exact clipping, or k > 1): a non-finite norm drops the whole step on every
+rank: no update, the refreshes done in this window undone, no scheduler step,
+`skipped_steps` += 1.
+Immediate mode (no clipping or delayed clipping, k == 1): other layers may already be
+updated when a bad gradient arrives, so that parameter's update alone is dropped (on this
+rank) and counted in `nonfinite_params_skipped`; no weight ever receives NaN/Inf. One
+process also undoes that parameter's refresh; on a sharded layout the step count advances
+and the (collectively computed) projector stays, so every rank keeps the same refresh
+schedule and its collectives keep matching.
+
+Scheduler and checkpoints
+-------------------------
+`lr_scheduler` (optional) is stepped once per optimizer step, never per micro-batch or per
+parameter. `state_dict()` holds the optimizer state, the window position, the low-rank
+accumulators and the partial full gradients, so a checkpoint taken between any two
+micro-batches resumes bit-identically (`torch.load(weights_only=True)` works).
+Do not call `optimizer.step()` or `optimizer.zero_grad()` yourself while the wrapper is
+attached; `zero_grad()` here drops a partial window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from galore_ds.core.groups import refresh_due
+from galore_ds.core.update import Item, clip_coefficient
+from galore_ds.layouts.comm import all_reduce_packed
+from galore_ds.layouts.entry import Entry
+from galore_ds.layouts.optimizer import GaLoreOptimizer
+
+CLIP_TIMINGS = ("exact", "delayed")
+
+
+@dataclass
+class _Meta:
+    group_index: int  # index into optimizer.param_groups (looked up at use: load_state_dict
+                      # and schedulers replace or edit the group dicts)
+    pos: int          # position in its group (stagger offsets)
+    n_in_group: int
+    index: int        # global parameter index, as the optimizer counts it
+    galore: bool
+
+
+class LayerwiseOptimizer:
+    """Run a GaLore optimizer per parameter inside backward (see the module docstring).
+
+    Args:
+        optimizer: a GaLoreOptimizer (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor).
+        accumulation_steps: micro-batches per optimizer step (k >= 1). Scale each
+            micro-batch loss by 1/k (as without per-layer mode).
+        max_grad_norm: clip threshold (None: no clipping).
+        clip_timing: "exact" (this step's norm: updates wait for the end of backward) |
+            "delayed" (k == 1: the previous step's norm, updates inside the hooks).
+        lr_scheduler: stepped once per optimizer step.
+        accum_dtype: dtype of the low-rank accumulators (fp32 default: exact).
+    """
+
+    def __init__(
+        self,
+        optimizer: GaLoreOptimizer,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        clip_timing: str = "exact",
+        lr_scheduler: Any = None,
+        accum_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(optimizer, GaLoreOptimizer):
+            raise TypeError(f"LayerwiseOptimizer needs a GaLoreOptimizer, got {type(optimizer).__name__}")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r}: must be an integer >= 1")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0 or None")
+        if clip_timing not in CLIP_TIMINGS:
+            raise ValueError(f"clip_timing={clip_timing!r}: expected one of {CLIP_TIMINGS}")
+        if optimizer.zero is not None:
+            raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.lr_scheduler = lr_scheduler
+        self.accum_dtype = accum_dtype
+        self.clip_timing = clip_timing
+        # Exact clipping needs the step's norm before any update, so updates wait for step();
+        # accumulation keeps low-rank accumulators anyway. Otherwise updates run in the hooks.
+        self.deferred = (max_grad_norm is not None and clip_timing == "exact") or accumulation_steps > 1
+        self._next_coef = 1.0  # delayed clipping: the coefficient from the previous step's norm
+
+        self.micro_step = 0      # micro-batches done in the current window
+        self.global_step = 0     # optimizer steps done
+        self.grad_norm: float | None = None
+        self.clip_coef: float = 1.0
+        self.skipped_steps = 0             # deferred mode: whole steps dropped (NaN/Inf norm)
+        self.nonfinite_params_skipped = 0  # immediate mode: single updates dropped
+
+        self._meta: dict[torch.Tensor, _Meta] = {}
+        self._params: list[torch.Tensor] = []
+        index = 0
+        for gi, group in enumerate(optimizer.param_groups):
+            galore = "rank" in group
+            for pos, p in enumerate(group["params"]):
+                index += 1
+                if p in self._meta:
+                    raise ValueError("a parameter appears twice in the optimizer's groups")
+                self._meta[p] = _Meta(gi, pos, len(group["params"]), index - 1, galore)
+                self._params.append(p)
+        # every process group some parameter's norm sums over: all ranks join each, every step
+        self._norm_groups: dict[int, Any] = {}
+        for p in self._params:
+            g = optimizer.layout_of(p).norm_group
+            if g is not None:
+                self._norm_groups.setdefault(id(g), g)
+        self._acc: dict[torch.Tensor, torch.Tensor] = {}     # GaLore low-rank accumulators
+        self._ready: list[tuple[Entry, Item]] = []           # deferred: to update at step()
+        self._sq: dict[int, torch.Tensor] = {}               # this window's squared norms by group (0: local)
+        # optimizer state of matrices refreshed in this window, as it was before: a skipped
+        # step puts it back (projectors and moments unchanged, as if the step never ran)
+        self._undo: dict[int, tuple[dict, dict]] = {}
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook)
+            for p in self._params if p.requires_grad
+        ]
+
+    # ------------------------------------------------------------------ public API
+    def step(self) -> bool:
+        """Call after each micro-batch's backward. Returns True when an optimizer step ended."""
+        self.micro_step += 1
+        if self.micro_step < self.accumulation_steps:
+            return False
+        self.micro_step = 0
+        opt = self.optimizer
+        with torch.no_grad():
+            # Parameters whose gradient arrived earlier in the window but not in its last
+            # micro-batch (unused in that forward) are finished here.
+            finished = {id(e.param) for e, _ in self._ready}
+            for p in self._params:
+                if id(p) not in finished and (p in self._acc or p.grad is not None):
+                    self._finish(self._entry(p), defer=True)
+            self.grad_norm = self._window_norm()
+            finite = math.isfinite(self.grad_norm)
+            if self.deferred and not finite:
+                self._skip_window()
+                return True
+            coef = clip_coefficient(self.grad_norm, self.max_grad_norm)
+            if not self.deferred:  # updates already ran, with the previous step's coefficient
+                self.clip_coef = self._immediate_coef()
+                if finite:
+                    self._next_coef = coef
+            else:
+                self.clip_coef = coef
+            if self._ready:
+                self._apply([item for _, item in self._ready], [e for e, _ in self._ready], self.clip_coef)
+            self._ready = []
+            self._undo = {}
+        self.global_step += 1
+        if self.lr_scheduler is not None:
+            # The optimizer's step() is never called (updates ran per parameter); tell the
+            # scheduler an optimizer step happened, as torch's step wrapper would.
+            opt._opt_called = True  # type: ignore[attr-defined]
+            self.lr_scheduler.step()
+        return True
+
+    def _immediate_coef(self) -> float:
+        """Clip coefficient of an update that runs inside its hook (delayed clipping)."""
+        return self._next_coef if self.max_grad_norm is not None else 1.0
+
+    def _window_norm(self) -> float:
+        """The window's global norm: ONE scalar all-reduce per group of sharded parameters."""
+        local = self._sq.pop(0, torch.zeros(()))
+        requests = [(self._sq.get(key, torch.zeros(())).reshape(1).float(), g)
+                    for key, g in self._norm_groups.items()]
+        self._sq = {}
+        total = float(local)
+        if requests:
+            total += float(sum(s.sum() for s in all_reduce_packed(requests, name="grad_norm")))
+        return math.sqrt(total)
+
+    def _skip_window(self) -> None:
+        """A NaN/Inf gradient norm: drop the whole step. Weights, moments, projectors, step
+        counts and the lr schedule stay as they were (refreshes of this window undone)."""
+        GaLoreOptimizer.restore(self._undo)
+        self._undo = {}
+        for e, _ in self._ready:
+            e.param.grad = None
+        self._ready = []
+        self.skipped_steps += 1
+
+    def zero_grad(self) -> None:
+        """Drop a partial window (accumulators and partial gradients)."""
+        self._acc.clear()
+        self._ready = []
+        self._undo = {}
+        self._sq = {}
+        self.micro_step = 0
+        for p in self._params:
+            p.grad = None
+
+    def remove(self) -> None:
+        """Detach the hooks (the optimizer can then be used normally)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state + window position + accumulators; plain tensors only.
+
+        Take it between micro-batches (after `step()`), never inside a backward.
+        """
+        lw: dict[str, Any] = {
+            "micro_step": self.micro_step,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "next_clip_coef": self._next_coef,
+            "accumulation_steps": self.accumulation_steps,
+            "acc": {self._meta[p].index: t for p, t in self._acc.items()},
+            "grads": {self._meta[p].index: p.grad for p in self._params if p.grad is not None},
+        }
+        out = {"optimizer": self.optimizer.state_dict(), "layerwise": lw}
+        if self.lr_scheduler is not None:
+            out["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        lw = state["layerwise"]
+        if lw["accumulation_steps"] != self.accumulation_steps and lw["micro_step"] != 0:
+            raise ValueError(
+                f"checkpoint taken inside a window of {lw['accumulation_steps']} micro-batches "
+                f"cannot resume with accumulation_steps={self.accumulation_steps}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_window(lw)
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+    def load_window(self, lw: dict[str, Any]) -> None:
+        """The per-layer part of a state dict (window position, accumulators, counters)."""
+        by_index = {self._meta[p].index: p for p in self._params}
+        self.micro_step = int(lw["micro_step"])
+        self.global_step = int(lw["global_step"])
+        self.skipped_steps = int(lw.get("skipped_steps", 0))
+        self._next_coef = float(lw.get("next_clip_coef", 1.0))
+        self._acc = {}
+        for i, t in lw.get("acc", {}).items():
+            p = by_index[int(i)]
+            device = (p.to_local() if hasattr(p, "to_local") else p).device
+            self._acc[p] = t.to(device, self.accum_dtype).clone()
+        for p in self._params:
+            p.grad = None
+        for i, g in lw.get("grads", {}).items():
+            p = by_index[int(i)]
+            p.grad = g.to(p.device, p.dtype).clone()
+        self._ready = []
+        self._sq = {}
+
+    # ------------------------------------------------------------------ internals
+    def _entry(self, p: torch.Tensor) -> Entry:
+        meta, opt = self._meta[p], self.optimizer
+        group = opt.param_groups[meta.group_index]
+        return opt.entry(p, p, opt.layout_of(p), group, meta.index, meta.pos, meta.n_in_group, p.grad)
+
+    def _add_sq(self, item: Item) -> torch.Tensor:
+        """Add this item's counted squared norm to the window's sums; returns it (non-finite
+        iff its gradient holds a NaN/Inf)."""
+        sq = self.optimizer.owned_sq(item).cpu()
+        key = 0 if item.split.group is None else id(item.split.group)
+        self._sq[key] = self._sq.get(key, torch.zeros(())) + sq
+        return sq
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        if p.grad.is_sparse:
+            raise RuntimeError("LayerwiseOptimizer does not support sparse gradients")
+        e = self._entry(p)
+        if self.micro_step + 1 >= self.accumulation_steps:
+            self._finish(e, defer=self.deferred)
+        elif e.galore and not refresh_due(e.state, e.group):
+            # Mid-window, projector fixed for this step: keep only the projected gradient.
+            low = self.optimizer.project_one(e).to(self.accum_dtype)
+            if p in self._acc:
+                self._acc[p].add_(low)
+            else:
+                self._acc[p] = low  # a fresh tensor (a matmul result)
+            p.grad = None
+        # else: refreshing GaLore matrix or full-rank parameter: autograd accumulates p.grad.
+
+    def _finish(self, e: Entry, defer: bool) -> None:
+        """End of the window for one parameter: refresh if due, project, complete (the
+        layout's collectives), count, then update or stage."""
+        opt, p = self.optimizer, e.param
+        low = self._acc.pop(p, None)
+        if e.g_local is not None:
+            if e.galore:
+                if refresh_due(e.state, e.group):
+                    opt.refresh([e], self._undo)
+                g = opt.project_one(e)
+                low = g if low is None else low.add_(g.to(low.dtype))
+            else:
+                low = e.g_local
+        if e.galore and low.dtype != torch.float32:
+            low = low.float()
+        item = opt.complete([e], [low])[0]
+        sq = self._add_sq(item)
+        if defer:
+            self._ready.append((e, item))
+        elif bool(torch.isfinite(sq)):
+            self._undo.pop(id(e.state), None)
+            self._apply([item], [e], self._immediate_coef())
+        elif opt.collective_update(item):
+            # every rank must run this update (its statistics are all-reduced): the NaN
+            # reaches every rank's sums there and the rule drops the update everywhere
+            self._undo.pop(id(e.state), None)
+            self.nonfinite_params_skipped += 1
+            self._apply([item], [e], 1.0)
+        else:
+            self._drop(e)
+
+    def _drop(self, e: Entry) -> None:
+        """Immediate mode: a non-finite gradient in this rank's part of a parameter (see the
+        module docstring)."""
+        saved = self._undo.pop(id(e.state), None)
+        if e.layout.group is None:
+            if saved is not None:
+                GaLoreOptimizer.restore({0: saved})
+        else:
+            e.state["step"] += 1
+        e.param.grad = None
+        self.nonfinite_params_skipped += 1
+
+    def _apply(self, items: list[Item], entries: list[Entry], coef: float) -> None:
+        if coef != 1.0:
+            for item in items:
+                item.grad.mul_(coef)
+        self.optimizer.update(items)
+        for e in entries:
+            if e.write_back is not None:
+                e.write_back()
+            e.state["step"] += 1
+            e.param.grad = None
+
+
+def attach(model_or_optimizer: Any, optimizer: GaLoreOptimizer | None = None, **kwargs: Any) -> LayerwiseOptimizer:
+    """`attach(opt, ...)` or `attach(model, opt, ...)`: a LayerwiseOptimizer with its hooks."""
+    opt = optimizer if optimizer is not None else model_or_optimizer
+    return LayerwiseOptimizer(opt, **kwargs)
+
+
+__all__ = ["LayerwiseOptimizer", "attach", "CLIP_TIMINGS"]

@@ -1,0 +1,549 @@
+"""GaLoreOptimizer: the one step skeleton of every GaLore optimizer, on every layout.
+
+A step reads how each parameter is laid out (layouts/base.py: plain tensor, DTensor from its
+placements, a DeepSpeed ZeRO piece) and runs the same phases everywhere:
+
+  1. collect   one Entry per parameter with a gradient: its layout, state and local views
+  2. refresh   the due projectors (layouts/refresh.py: local, owner, or distributed subspace
+               iteration; the same basis the single-process optimizer computes)
+  3. project   R = the gradient in the rule's coordinates (GaLore: projected; other
+               parameters: the full gradient), completed where the layout leaves partial
+               sums (one packed all-reduce per process group) and averaged over a
+               `reduce_group` (per-rank contributions)
+  4. norm      the global L2 norm of what the optimizer consumes (every R), before clipping:
+               one scalar all-reduce per process group of sharded parameters. It is
+               `grad_norm`; clipping (`max_grad_norm`) scales every R by
+               min(1, max / (norm + 1e-6)) (torch's formula); a NaN/Inf norm skips the step
+               on every rank: weights, moments, projectors and step counts stay as they were
+               (refreshes of this step undone), `skipped_steps` += 1, `overflow` is True
+  5. update    the rule (AdamW, 8-bit AdamW, Adafactor: galore_ds/core) on every Item, then
+               partial-row copies are written back and step counts advance
+
+Clipping by the norm of what the optimizer consumes is the one definition every engine can
+compute: the per-layer mode never forms an accumulated full gradient, nor does data
+parallelism that averages only projected gradients. Projection is linear and the refresh
+is scale-invariant, so clipping R by c equals clipping G by c before projecting.
+
+Per-parameter state is plain tensors and numbers (torch.load(weights_only=True) works):
+  step              optimizer steps taken by this parameter (galore-torch's "step")
+  proj              projector tensor (core/projector.py for the layout)
+  proj_right        True: right projection, False: left (a bool: torch's load_state_dict
+                    rebuilds any iterable state value, strings included)
+  refresh_offset    step offset of this matrix's refresh within the update_proj_gap window
+  + the rule's moments, shaped like the block of R this rank holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.optim import Optimizer
+
+from galore_ds.core import projector as pj
+from galore_ds.core.groups import (
+    GALORE_KEYS,
+    GALORE_OPTION_DEFAULTS,
+    check_galore_group,
+    global_shape,
+    refresh_due,
+    refresh_offset,
+)
+from galore_ds.core.scratch import Scratch
+from galore_ds.core.update import Item, Split, clip_coefficient
+from galore_ds.layouts.base import Layout, plain_layout
+from galore_ds.layouts.comm import all_reduce_packed
+from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
+from galore_ds.layouts.entry import Entry
+from galore_ds.layouts.refresh import refresh as refresh_entries
+from galore_ds.layouts.zero import ZeroBinding
+
+ROW_RULES = ("AdafactorRule",)  # rules whose statistics need 2-D rows of every matrix
+_IGNORE_STEPS = [0]
+
+
+@contextlib.contextmanager
+def steps_ignored() -> Iterator[None]:
+    """GaLore optimizers' step() does nothing inside (a framework configuring itself, such as
+    DeepSpeed's wrappers taking one step on zero gradients to create their states)."""
+    _IGNORE_STEPS[0] += 1
+    try:
+        yield
+    finally:
+        _IGNORE_STEPS[0] -= 1
+
+
+def split_by_shape(params: list, rank: int, galore: dict[str, Any]) -> list[dict]:
+    """A flat parameter list with a GaLore `rank` (DeepSpeed's JSON path hands the optimizer
+    model.parameters()): every 2-D parameter with min(shape) >= rank is projected; other
+    matrices and the vectors keep the full-rank rule, vectors without weight decay. Select by
+    module name with galore_ds.param_groups when the names are at hand."""
+    mats, rest_2d, rest_1d = [], [], []
+    for p in params:
+        shape = global_shape(p)
+        if len(shape) == 2 and min(shape) >= rank:
+            mats.append(p)
+        elif len(shape) >= 2:
+            rest_2d.append(p)
+        else:
+            rest_1d.append(p)
+    groups = [dict(params=mats, rank=rank, **galore)] if mats else []
+    if rest_2d:
+        groups.append(dict(params=rest_2d))
+    if rest_1d:
+        groups.append(dict(params=rest_1d, weight_decay=0.0))
+    return groups
+
+
+class GaLoreOptimizer(Optimizer):
+    """Base class of GaLoreAdamW, GaLoreAdamW8bit and GaLoreAdafactor (see module docstring).
+
+    Subclasses set `self.rule` (galore_ds/core) before calling this constructor.
+
+    Args beyond torch's:
+        rank, update_proj_gap, scale, proj_type: defaults for GaLore groups; with a flat
+            parameter list, `rank` selects the matrices by shape (`split_by_shape`).
+        max_grad_norm: clip by the global norm of what the optimizer consumes (None: off).
+        reduce_group: gradients arrive as this rank's own contribution, not averaged across
+            this process group (replicated data parallelism without gradient sync, HSDP
+            replicas without their all-reduce); the optimizer averages the projected
+            gradients (n/r less traffic than averaging G) and the other parameters' gradients.
+    """
+
+    rule: Any = None
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, rank: int | None = None,
+                 update_proj_gap: int | None = None, scale: float | None = None,
+                 proj_type: str | None = None, max_grad_norm: float | None = None,
+                 reduce_group: Any = None) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0 or None")
+        if "target_modules" in defaults:
+            raise ValueError("target_modules selects matrices by module name, which a parameter list does "
+                             "not carry: pass galore_ds.param_groups(model, target_modules=...) as params "
+                             "(DeepSpeed JSON: galore_ds.integrations.deepspeed.initialize)")
+        given = {k: v for k, v in dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                                       proj_type=proj_type).items() if v is not None}
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            params = [dict(g, **{k: v for k, v in given.items() if k not in g}) if "rank" in g else dict(g)
+                      for g in params]
+        elif "rank" in given:
+            params = split_by_shape(params, given.pop("rank"), given)
+        for key, value in GALORE_OPTION_DEFAULTS.items():
+            defaults.setdefault(key, value)
+        self.max_grad_norm = max_grad_norm
+        self.reduce_group = reduce_group
+        # Counters a trainer can log (this process; not part of the state dict).
+        self.galore_stats: dict[str, int] = {"refreshes": 0, "svd_failures": 0, "nonfinite_refresh_skipped": 0}
+        self.grad_norm: float | None = None   # the last step's global norm of what it consumed
+        self.clip_coef: float = 1.0
+        self.skipped_steps = 0                # steps dropped for a NaN/Inf gradient
+        self.overflow = False                 # the last step was dropped (DeepSpeed reads this)
+        self.zero: ZeroBinding | None = None  # set by galore_ds.integrations.deepspeed
+        self.replica_group: Any = None        # ZeRO-0 / DDP: whole tensors, identical on these ranks
+        self._layouts: dict[int, Layout] = {}
+        self._index: dict[int, int] = {}
+        self._scratch = Scratch()
+        self._pending: list[tuple[list[Item], dict, list[Entry]]] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
+        moments for bf16 weights, so saved tensors are re-installed with their saved dtype
+        (moved to the parameter's device only)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value):
+                        device = (p.to_local() if hasattr(p, "to_local") else p).device
+                        self.state[p][key] = value.to(device=device, copy=True)
+
+    # ------------------------------------------------------------------ layouts
+    def layout_of(self, p: torch.Tensor) -> Layout:
+        """How this rank holds parameter `p` (cached: placements do not change)."""
+        lay = self._layouts.get(id(p))
+        if lay is None:
+            if is_dtensor(p):
+                lay = dtensor_layout(p, self.reduce_group)
+            else:
+                lay = plain_layout(p, self.reduce_group, self.replica_group)
+            self._layouts[id(p)] = lay
+        return lay
+
+    def forget_layouts(self) -> None:
+        """Read every parameter's layout again at the next step (after a framework replaced or
+        re-grouped the parameters)."""
+        self._layouts.clear()
+        self._index.clear()
+
+    def param_index(self, p: torch.Tensor) -> int:
+        """Stable index of `p` in the optimizer's parameter order (seeds, owner assignment)."""
+        idx = self._index.get(id(p))
+        if idx is None:
+            self._index = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            idx = self._index[id(p)]
+        return idx
+
+    def _rows_needed(self) -> bool:
+        return type(self.rule).__name__ in ROW_RULES
+
+    def entry(self, key: Any, p: torch.Tensor, layout: Layout, group: dict, index: int, pos: int,
+              n_in_group: int, grad: torch.Tensor | None) -> Entry:
+        """The Entry of one parameter (creates its step bookkeeping on first sight)."""
+        galore = "rank" in group
+        if galore and not layout.is_matrix:
+            raise RuntimeError(
+                f"{type(self).__name__}: a GaLore group holds a parameter of shape {layout.shape}: its "
+                "parameters were replaced after construction. Under DeepSpeed ZeRO call "
+                "galore_ds.integrations.deepspeed.register() before deepspeed.initialize")
+        state = self.state[key]
+        if "step" not in state:
+            state["step"] = 0
+            if galore:
+                state["refresh_offset"] = refresh_offset(group, pos, n_in_group)
+        p_local, g_local, write_back = layout.local(p, grad, galore or self._rows_needed())
+        g_piece = None
+        if layout.piece is not None and grad is not None:
+            pc = layout.piece
+            g_piece = grad[pc.offset:pc.offset + pc.numel]
+        return Entry(key, p, layout, group, index, state, galore, p_local, g_local, write_back, g_piece)
+
+    def _entries(self) -> list[Entry]:
+        entries = []
+        for group in self.param_groups:
+            params = group["params"]
+            for pos, p in enumerate(params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                flat = self.zero.flats.get(id(p)) if self.zero is not None else None
+                if flat is not None:
+                    for seg in flat.segments:
+                        if seg.layout is not None:
+                            entries.append(self.entry(seg.key, p, seg.layout, group, seg.index, seg.pos,
+                                                      seg.n_in_group, grad))
+                    continue
+                entries.append(self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos,
+                                          len(params), grad))
+        return entries
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if _IGNORE_STEPS[0]:
+            return loss
+        entries = self._entries()
+        deferred = self.zero is not None and self.zero.per_call
+        items, undo = self.prepare(entries, reuse_buffers=not deferred)
+        if deferred:
+            # DeepSpeed steps one group (sub-group) per call: update all at its last call
+            self._pending.append((items, undo, entries))
+            ids = [id(p) for g in self.param_groups for p in g["params"]]
+            if not self.zero.last_call(ids):
+                return loss
+            items = [it for batch, _, _ in self._pending for it in batch]
+            undo = {k: v for _, u, _ in self._pending for k, v in u.items()}
+            entries = [e for _, _, es in self._pending for e in es]
+            self._pending = []
+        self.finish(entries, items, undo)
+        if deferred:
+            for flat in self.zero.flats.values():
+                if flat.copy_back is not None:
+                    flat.copy_back()
+        return loss
+
+    def prepare(self, entries: list[Entry], reuse_buffers: bool = False) -> tuple[list[Item], dict]:
+        """Phases 2-3: refresh the due projectors, project and complete every gradient.
+        Returns the Items and the refresh undo log (see `finish`)."""
+        undo: dict[int, tuple[dict, dict]] = {}
+        due = [e for e in entries if e.galore and refresh_due(e.state, e.group)]
+        if due:
+            self.refresh(due, undo)
+        lows = self.project(entries, reuse_buffers)
+        return self.complete(entries, lows), undo
+
+    def finish(self, entries: list[Entry], items: list[Item], undo: dict) -> bool:
+        """Phases 4-5 (see the module docstring). Returns False when the step was skipped."""
+        norm = self.global_norm(entries, items)
+        self.grad_norm = norm
+        if not math.isfinite(norm):
+            self.restore(undo)
+            self.skipped_steps += 1
+            self.overflow = True
+            return False
+        self.overflow = False
+        coef = clip_coefficient(norm, self.max_grad_norm)
+        self.clip_coef = coef
+        if coef != 1.0:
+            for item in items:
+                item.grad.mul_(coef)
+        self.update(items)
+        for e in entries:
+            if e.write_back is not None:
+                e.write_back()
+            e.state["step"] += 1
+        return True
+
+    def collective_update(self, item: Item) -> bool:
+        """Whether the rule's update of `item` is a collective (Adafactor's statistics of a
+        split tensor): every rank of its group must run it."""
+        return self._rows_needed() and (item.split.dim is not None or item.split.param_group is not None)
+
+    def update(self, items: list[Item]) -> None:
+        """The rule on every item; a rank's empty blocks run only what the rule shares with
+        other ranks (Adafactor's statistics)."""
+        self.rule.update(items, reduce=lambda requests: all_reduce_packed(requests, name="rule_stats"))
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(self, entries: list[Entry], undo: dict) -> None:
+        def install(e: Entry, basis: torch.Tensor | None) -> None:
+            if id(e.state) not in undo:
+                reset = e.group["moments"] == "reset"  # the only policy that edits in place
+                undo[id(e.state)] = (e.state, {k: v.clone() if reset and torch.is_tensor(v) else v
+                                                for k, v in e.state.items()})
+            self.install_projector(e, basis)
+
+        refresh_entries(entries, self.compute_basis, install, self.prev_basis, self.program_for)
+
+    def prev_basis(self, e: Entry) -> torch.Tensor | None:
+        return pj.proj_to_basis(e.state["proj"], e.side).float() if "proj" in e.state else None
+
+    def program_for(self, e: Entry):
+        """The randomized-refresh program of one matrix (projector.randomized_program)."""
+        g, m, n = e.group, *e.layout.shape
+        return pj.randomized_program(
+            n if e.side == "right" else m, g["rank"], self.prev_basis(e), oversample=g["oversample"],
+            iters=g["power_iters"], first_iters=g["first_power_iters"],
+            generator=pj.refresh_generator(g["seed"], e.state["step"], e.index), device=e.p_local.device)
+
+    def compute_basis(self, e: Entry, grad: torch.Tensor) -> torch.Tensor | None:
+        """New basis rows for one matrix from its whole gradient, or None when the gradient is
+        non-finite or the SVD fails in fp32 and fp64 (the previous projector is kept and the
+        event counted: never crash, never corrupt)."""
+        if not bool(torch.isfinite(grad).all()):
+            self.galore_stats["nonfinite_refresh_skipped"] += 1
+            return None
+        g = e.group
+        try:
+            return pj.compute_basis(
+                grad, e.side, g["rank"], g["refresh"], self.prev_basis(e), signs=g["signs"],
+                oversample=g["oversample"], iters=g["power_iters"], first_iters=g["first_power_iters"],
+                generator=pj.refresh_generator(g["seed"], e.state["step"], e.index))
+        except RuntimeError:
+            self.galore_stats["svd_failures"] += 1
+            return None
+
+    def install_projector(self, e: Entry, basis: torch.Tensor | None) -> None:
+        """Install a new basis (None: keep the old one) and apply the moment policy."""
+        state, group, side = e.state, e.group, e.side
+        if basis is None:
+            if "proj" in state:
+                return
+            # First refresh failed: any fixed orthonormal basis keeps training well-defined
+            # until the next refresh replaces it.
+            m, n = e.layout.shape
+            gen = pj.refresh_generator(group["seed"], state["step"], e.index)
+            basis = pj.random_basis(n if side == "right" else m, group["rank"], gen, e.p_local.device)
+        basis = basis.to(e.p_local.device, torch.float32)
+        if "proj" in state:
+            policy = group["moments"]
+            if policy == "reproject":
+                old = pj.proj_to_basis(state["proj"], side).float()
+                self.rule.rotate(state, pj.rotation(old, basis), side == "right")
+            elif policy == "reset":
+                self.rule.reset(state)
+        # No .contiguous(): with signs="lapack" the projector keeps LAPACK's memory layout,
+        # as galore-torch's does, because the matmul's rounding depends on it.
+        state["proj"] = pj.basis_to_proj(basis.to(pj.storage_dtype(e.p_local.dtype)), side)
+        state["proj_right"] = side == "right"
+        self.galore_stats["refreshes"] += 1
+
+    @staticmethod
+    def restore(undo: dict) -> None:
+        """Put back the state of matrices refreshed in a step that was then dropped."""
+        for state, saved in undo.values():
+            state.clear()
+            state.update(saved)
+
+    # ------------------------------------------------------------------ project
+    @staticmethod
+    def proj_block(e: Entry) -> torch.Tensor:
+        """The projector's part for this rank's block: Q[:, c0:c1] (right), P[r0:r1] (left)."""
+        proj = e.state["proj"]
+        lay = e.layout
+        if e.side == "right":
+            return proj if lay.cols == (0, lay.shape[1]) else proj[:, lay.cols[0]:lay.cols[1]]
+        return proj if lay.rows == (0, lay.shape[0]) else proj[lay.rows[0]:lay.rows[1]]
+
+    def project_one(self, e: Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's (possibly partial) projected gradient of a GaLore matrix, fp32."""
+        proj = self.proj_block(e)
+        grad = e.g_local
+        if grad.dtype != proj.dtype:
+            proj = proj.to(grad.dtype)
+        return pj.project(grad, proj, e.side, out=out).float()
+
+    def project(self, entries: list[Entry], reuse_buffers: bool = False) -> list[torch.Tensor]:
+        """The gradient each entry's rule consumes, before completion. fp32 GaLore matrices are
+        projected straight into a reused buffer when `reuse_buffers` (same matmul)."""
+        views = None
+        galore = [e for e in entries if e.galore]
+        if reuse_buffers and galore and all(e.g_local.dtype == torch.float32 and e.state["proj"].dtype == torch.float32
+                                            for e in galore):
+            views = self._scratch.views("lowrank", [self.low_shape(e) for e in galore],
+                                        galore[0].g_local.device, torch.float32)
+        slots = iter(views) if views is not None else None
+        return [self.project_one(e, next(slots) if slots is not None else None) if e.galore else e.g_local
+                for e in entries]
+
+    @staticmethod
+    def low_shape(e: Entry) -> tuple[int, int]:
+        """Shape of this rank's projected gradient (before completion)."""
+        r = e.group["rank"]
+        rows, cols = e.layout.rows, e.layout.cols
+        return (rows[1] - rows[0], r) if e.side == "right" else (r, cols[1] - cols[0])
+
+    def complete(self, entries: list[Entry], lows: list[torch.Tensor]) -> list[Item]:
+        """Phase 3's collectives and the Items: partial sums completed over the layout's group
+        (whole R, or the rows a ZeRO boundary cuts) in one packed all-reduce per group, then
+        per-rank contributions averaged over reduce_group in one more."""
+        sums, sum_at = [], []
+        for j, (e, low) in enumerate(zip(entries, lows)):
+            lay = e.layout
+            if lay.group is None:
+                continue
+            if e.galore and not lay.contracted_whole(e.side == "right") and not (e.side == "right" and lay.split_rows):
+                sums.append((low, lay.group))               # partial sums of all of R
+                sum_at.append((j, None))
+            elif lay.split_rows and low.dim() == 2 and (e.galore or self._rows_needed()):
+                rows = self._split_rows_buffer(e, low)      # the rows a boundary cuts
+                sums.append((rows, lay.group))
+                sum_at.append((j, rows))
+        if sums:
+            done = all_reduce_packed(sums, name="partial_sums")
+            for (j, rows), total in zip(sum_at, done):
+                if rows is None:
+                    lows[j] = total
+                else:
+                    self._fill_split_rows(entries[j], lows[j], total)
+        avgs = [(j, (low, e.layout.reduce_group)) for j, (e, low) in enumerate(zip(entries, lows))
+                if e.layout.reduce_group is not None]
+        if avgs:
+            done = all_reduce_packed([r for _, r in avgs], op="avg", name="reduce_group")
+            for (j, _), total in zip(avgs, done):
+                lows[j] = total if entries[j].galore else total.to(lows[j].dtype)
+        return [self._item(e, low) for e, low in zip(entries, lows)]
+
+    @staticmethod
+    def _split_rows_buffer(e: Entry, low: torch.Tensor) -> torch.Tensor:
+        lay = e.layout
+        buf = low.new_zeros(len(lay.split_rows), low.shape[1])
+        for k, row in enumerate(lay.split_rows):
+            if lay.rows[0] <= row < lay.rows[1]:
+                buf[k] = low[row - lay.rows[0]]
+        return buf
+
+    @staticmethod
+    def _fill_split_rows(e: Entry, low: torch.Tensor, total: torch.Tensor) -> None:
+        lay = e.layout
+        for k, row in enumerate(lay.split_rows):
+            if lay.rows[0] <= row < lay.rows[1]:
+                low[row - lay.rows[0]] = total[k]
+
+    def _item(self, e: Entry, low: torch.Tensor) -> Item:
+        lay = e.layout
+        split = self._galore_split(e) if e.galore else self._full_split(e, low)
+        split.grad_shape = self._rule_grad_shape(e)
+        return Item(e.p_local, low, e.state, e.group, e.galore,
+                    proj=self.proj_block(e) if e.galore else None,
+                    right=e.side == "right" if e.galore else True, split=split,
+                    param_sq=lambda lay=lay, p=e.param: lay.own_sq(p), param_numel=lay.numel)
+
+    @staticmethod
+    def _galore_split(e: Entry) -> Split:
+        """How this rank's R relates to the whole R (norms, Adafactor's statistics)."""
+        lay = e.layout
+        if lay.group is None:  # whole here (one process; a ZeRO matrix one rank holds)
+            return Split(group=lay.sum_group)
+        right = e.side == "right"
+        if right and lay.split_dim == 0:       # rows of R (rows a boundary cuts completed above)
+            return Split(dim=0, owned=lay.owned_rows(), group=lay.group, param_group=lay.group)
+        if not right and lay.split_dim == 1:   # columns of R
+            return Split(dim=1, group=lay.group, param_group=lay.group)
+        # all of R, identical on every rank of the group; the parameter itself is split
+        return Split(param_group=lay.group)
+
+    def _full_split(self, e: Entry, low: torch.Tensor) -> Split:
+        lay = e.layout
+        if lay.group is None:
+            return Split(group=lay.sum_group)
+        owned = lay.owned_rows() if low.dim() == 2 else slice(None)
+        return Split(dim=lay.split_dim, owned=owned, group=lay.group, param_group=lay.group)
+
+    @staticmethod
+    def _rule_grad_shape(e: Entry) -> tuple[int, ...]:
+        m = e.layout.shape
+        if e.galore:
+            r = e.group["rank"]
+            return (m[0], r) if e.side == "right" else (r, m[1])
+        return tuple(m)
+
+    # ------------------------------------------------------------------ norm
+    def global_norm(self, entries: list[Entry], items: list[Item]) -> float:
+        """L2 norm of every consumed gradient over all ranks: blocks split across a group are
+        summed over it (one scalar all-reduce per group), whole ones counted here."""
+        local = torch.zeros((), dtype=torch.float32)
+        per_group: dict[int, tuple[Any, torch.Tensor]] = {}
+        for e in entries:  # every group a layout sums over joins, even with nothing held here
+            g = e.layout.norm_group
+            if g is not None and id(g) not in per_group:
+                per_group[id(g)] = (g, torch.zeros((), dtype=torch.float32))
+        if self.zero is not None:
+            for flat in self.zero.flats.values():
+                for seg in flat.segments:
+                    g = seg.layout.norm_group if seg.layout is not None else None
+                    if g is not None and id(g) not in per_group:
+                        per_group[id(g)] = (g, torch.zeros((), dtype=torch.float32))
+        for item in items:
+            sq = self.owned_sq(item)
+            g = item.split.group  # None: whole here, or identical on every rank (counted once each)
+            if g is None:
+                local = local + sq.cpu()
+            else:
+                per_group[id(g)] = (g, per_group[id(g)][1] + sq.cpu())
+        if per_group:
+            sums = all_reduce_packed([(t.reshape(1), g) for g, t in per_group.values()], name="grad_norm")
+            local = local + sum(s.reshape(()) for s in sums)
+        return math.sqrt(float(local))
+
+    @staticmethod
+    def owned_sq(item: Item) -> torch.Tensor:
+        """Squared norm of the part of an item's gradient this rank counts."""
+        g, sp = item.grad, item.split
+        if g.numel() == 0:
+            return torch.zeros((), dtype=torch.float32, device=g.device)
+        if sp.dim == 0 and g.dim() == 2:
+            g = g[sp.owned]
+        elif sp.dim == 1:
+            g = g[:, sp.owned]
+        return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+__all__ = ["GaLoreOptimizer", "split_by_shape"]

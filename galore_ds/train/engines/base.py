@@ -1,0 +1,253 @@
+"""The engine protocol and what every engine shares.
+
+The loop (train/trainer.py) owns data, logging, evaluation cadence and checkpoint layout; an
+engine owns everything that depends on how parameters live: wrapping/sharding the model, the
+optimizer and LR scheduler, gradient accumulation, clipping, the step, its own state on disk,
+and every collective. The loop never calls torch.distributed itself.
+
+Adding an engine is one line in ENGINES ("name": "module:Class").
+
+Contract (all engines):
+  - constructed as Engine(cfg, dist) with the validated Config and the DistEnv read from the
+    launcher's environment; `setup(model)` is called once, before any step or `load`. The
+    model arrives on the meta device when `wants_meta_model` (large models: the engine
+    materialises it, e.g. after sharding); otherwise on CPU in cfg.model.dtype.
+  - `train_step(micro_batches)`: one optimizer step over this rank's micro-batches (len ==
+    the recipe's accumulation). Gradients are accumulated over ALL micro-batches, clipped once
+    by the global norm of what the optimizer consumes (training.grad_clip, 0 = off; the GaLore
+    optimizers' `max_grad_norm`), the optimizer and the scheduler step once, and a NaN/Inf
+    gradient skips the step on every rank. Returns a StepResult whose loss is the mean over
+    every micro-batch of every rank and whose grad_norm is that global pre-clip norm.
+  - `eval_loss(batches)`: the mean loss over all ranks' batches (the same sequences on every
+    world size), no gradients, the model left ready to train.
+  - `save(dir)` / `load(dir)`: this rank's model + optimizer + scheduler state, under an
+    existing directory (the loop makes it, renames it when complete, and stores data position
+    and RNG itself). Files load with torch.load(weights_only=True).
+  - `barrier()` and `broadcast_object(obj)` are the only collectives the loop needs.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # keep this module cheap to import
+    import torch
+    from torch import nn
+
+    from galore_ds.train.config import Config, DistEnv
+
+ENGINES: dict[str, str] = {
+    "single": "galore_ds.train.engines.single:SingleEngine",
+    "layerwise": "galore_ds.train.engines.layerwise:LayerwiseEngine",
+    "deepspeed": "galore_ds.train.engines.deepspeed:DeepSpeedEngine",
+    "fsdp": "galore_ds.train.engines.fsdp:FSDPEngine",
+}
+TIMEOUT = timedelta(minutes=30)
+
+
+class EngineUnavailable(Exception):
+    """The recipe names an engine whose implementation is not installed."""
+
+
+@dataclass
+class StepResult:
+    loss: float            # mean over all micro-batches of all ranks
+    grad_norm: float       # global L2 norm of what the optimizer consumed, before clipping
+    lr: float              # learning rate used by this step (first param group)
+    extra: dict[str, Any] = field(default_factory=dict)  # engine-specific numbers to log
+
+
+class Engine(ABC):
+    """Base class of every engine (see the module docstring)."""
+
+    name: str = "abstract"
+    wants_meta_model: bool = False  # True: setup() receives a meta-device model to materialise
+
+    def __init__(self, cfg: "Config", dist: "DistEnv") -> None:
+        import torch
+
+        self.cfg = cfg
+        self.dist = dist
+        self.device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.skipped_steps = 0
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def accumulation(self) -> int:
+        return max(1, self.cfg.accumulation(self.world_size))
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def setup(self, model: "nn.Module") -> None:
+        """Wrap/shard the model, build optimizer + scheduler."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[dict[str, "torch.Tensor"]]) -> StepResult:
+        """Accumulate over micro_batches, clip, optimizer.step() and scheduler.step() once."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write this rank's model/optimizer/scheduler state into an existing directory."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Inverse of save (called after setup)."""
+
+    @property
+    @abstractmethod
+    def model(self) -> "nn.Module":
+        """The (unwrapped) model, e.g. for exporting weights."""
+
+    # ------------------------------------------------------------------ shared
+    def optimizer_step(self) -> float:
+        """One optimizer + scheduler step; a NaN/Inf gradient changes no state (counted)."""
+        from galore_ds.train.optim import clip_full_gradients, is_galore
+
+        opt = self.optimizer
+        if is_galore(self.cfg):
+            opt.step()
+            skipped, norm = opt.overflow, opt.grad_norm
+        else:
+            norm = clip_full_gradients([p for p in self.model.parameters() if p.grad is not None], self.cfg)
+            skipped = not math.isfinite(norm)
+            if not skipped:
+                opt.step()
+        if skipped:
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()
+        return norm
+
+    def init_process_group(self) -> None:
+        """The default process group (gloo on CPU, nccl on CUDA), once. Under torchrun
+        restarts the store is namespaced by attempt (train/faults.py)."""
+        import torch
+        import torch.distributed as dist
+
+        from galore_ds.train import faults
+
+        if self.world_size == 1 or dist.is_initialized():
+            return
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank,
+                                world_size=self.world_size, timeout=TIMEOUT,
+                                store=faults.elastic_store(self.world_size, TIMEOUT))
+
+    def to_device(self, batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def mean_over_ranks(self, total: float, count: int) -> float:
+        """sum(total) / sum(count) over all ranks (NaN when nothing was counted anywhere)."""
+        if self.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
+        return total / count if count else math.nan
+
+    def forward_loss(self, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The model's loss on one micro-batch (engines that wrap the model override it)."""
+        return self.model(**self.to_device(batch)).loss
+
+    def eval_loss(self, batches: list[dict[str, "torch.Tensor"]]) -> float:
+        import torch
+
+        module = self.model
+        module.eval()
+        try:
+            with torch.no_grad():
+                total = sum(float(self.forward_loss(b)) for b in batches)
+        finally:
+            module.train()
+            self.after_eval()
+        return self.mean_over_ranks(total, len(batches))
+
+    def after_eval(self) -> None:
+        """Put the model back as training expects it (FSDP2: reshard)."""
+
+    def galore_stats(self) -> dict[str, Any]:
+        """Optimizer counters to log (refreshes, svd_failures, skipped steps, ...)."""
+        opt = getattr(self, "optimizer", None)
+        return {**dict(getattr(opt, "galore_stats", {}) or {}), "skipped_steps": self.skipped_steps}
+
+    def memory_stats(self) -> dict[str, float]:
+        import torch
+
+        if torch.cuda.is_available():
+            return {"mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"mem_gb": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's obj on every rank."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Release the process group after a successful run. An interpreter exit that finds
+        gloo's worker threads alive can abort ("terminate called without an active
+        exception") and turn a finished run into a failed job."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def engine_class(mode: str) -> type[Engine]:
+    """Resolve a registry name; EngineUnavailable if its module is missing."""
+    if mode not in ENGINES:
+        raise EngineUnavailable(f"engine.mode: unknown engine {mode!r}; use one of {sorted(ENGINES)} or auto")
+    module_name, cls_name = ENGINES[mode].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name.startswith(e.name) or e.name == module_name):
+            raise EngineUnavailable(f"engine.mode: the {mode!r} engine is not available ({module_name} is "
+                                    "missing); use engine.mode=single or another engine") from None
+        raise EngineUnavailable(f"engine.mode={mode!r} needs the {e.name!r} package, which is not installed; "
+                                f"pip install it (see README: installation) or use another engine") from None
+    return getattr(module, cls_name)
+
+
+def make_engine(cfg: "Config", dist: "DistEnv") -> Engine:
+    return engine_class(cfg.resolved_mode(dist))(cfg, dist)
+
+
+__all__ = ["ENGINES", "Engine", "EngineUnavailable", "StepResult", "engine_class", "make_engine"]

@@ -1,0 +1,126 @@
+"""The DeepSpeed engine: ZeRO 0/1/2/3 (fp32, bf16, fp16 at stage >= 1) + the public GaLore
+optimizers, which DeepSpeed's wrappers drive (galore_ds/integrations/deepspeed.py).
+
+    deepspeed --num_gpus N launch/train.py --config configs/<recipe>.json --set engine.mode=deepspeed
+    mpirun -n N python launch/train.py --config configs/<recipe>.json --set engine.mode=deepspeed
+
+- engine.deepspeed is DeepSpeed's own JSON (zero_optimization, bf16, ...); this engine fills
+  what the recipe owns: micro batch, accumulation (global_batch / (micro * W)), the
+  optimizer (the recipe's, on name-based groups, as a client optimizer) and clipping: the
+  GaLore optimizers clip by the norm of what they consume, so DeepSpeed's own
+  gradient_clipping is 0 for them (the AdamW baseline gets training.grad_clip).
+- One train_step = len(micro_batches) engine.backward/engine.step calls: DeepSpeed averages
+  over the accumulation, reduces, steps the optimizer and the scheduler once at the boundary.
+- Checkpoints: engine.save_checkpoint / load_checkpoint (DeepSpeed's per-rank layout; the
+  GaLore state is keyed by strings so it round-trips bit-identically on the same world size).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galore_ds.train import faults
+from galore_ds.train.engines.base import TIMEOUT, Engine, StepResult
+from galore_ds.train.optim import build_optimizer, build_param_groups, is_galore, warmup_cosine
+
+TAG = "galore_ds"
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def ds_config(self) -> dict[str, Any]:
+        t = self.cfg.training
+        c = copy.deepcopy(dict(self.cfg.engine.deepspeed))
+        gas = self.accumulation
+        c["train_micro_batch_size_per_gpu"] = t.micro_batch
+        c["gradient_accumulation_steps"] = gas
+        c["train_batch_size"] = t.micro_batch * gas * self.world_size
+        c["gradient_clipping"] = 0.0 if is_galore(self.cfg) else t.grad_clip
+        c.setdefault("steps_per_print", 10**9)
+        c.pop("optimizer", None)  # the recipe's optimizer (training.optimizer, galore.*)
+        c.pop("scheduler", None)  # the recipe's warmup + cosine
+        return c
+
+    def init_process_group(self) -> None:
+        import deepspeed
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            store = faults.elastic_store(self.world_size, TIMEOUT)
+            if store is not None:  # a torchrun restart: this attempt's keys only (faults.py)
+                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                        store=store, timeout=TIMEOUT)
+            # adopts the group above if any; mpirun: DeepSpeed's MPI discovery sets MASTER_PORT
+            # itself (from distributed_port)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
+                                       distributed_port=int(os.environ.get("MASTER_PORT", "29500")))
+
+    def setup(self, model: nn.Module) -> None:
+        import deepspeed
+
+        from galore_ds.integrations.deepspeed import register
+
+        register()
+        self.init_process_group()
+        optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg)
+        scheduler = warmup_cosine(optimizer, self.cfg)
+        self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config())
+        self.basic_optimizer = optimizer
+
+    @property
+    def model(self) -> nn.Module:
+        return self._engine.module
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._engine(**{k: v.to(self._engine.device) for k, v in batch.items()}).loss
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        eng = self._engine
+        if len(micro_batches) != eng.gradient_accumulation_steps():
+            raise ValueError(f"{len(micro_batches)} micro-batches; DeepSpeed was set up for "
+                             f"{eng.gradient_accumulation_steps()}")
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else math.nan
+        # the AdamW baseline at fp32 ZeRO-0 has no DeepSpeed wrapper to report the norm:
+        # measure it at the boundary, where the gradients are all-reduced and not yet clipped
+        own_norm = (not is_galore(self.cfg) and eng.zero_optimization_stage() == 0
+                    and not (eng.fp16_enabled() or eng.bfloat16_enabled()))
+        total, norm = 0.0, None
+        for i, mb in enumerate(micro_batches):
+            loss = self.forward_loss(mb)
+            eng.backward(loss)
+            if own_norm and i == len(micro_batches) - 1:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in eng.module.parameters() if p.grad is not None])
+            eng.step()
+            total += float(loss.detach())
+        if is_galore(self.cfg):
+            norm = self.basic_optimizer.grad_norm
+        elif norm is None:
+            norm = eng.get_global_grad_norm()
+        self.skipped_steps = int(getattr(eng, "skipped_steps", 0))
+        return StepResult(loss=self.mean_over_ranks(total, len(micro_batches)),
+                          grad_norm=float(norm) if norm is not None else math.nan, lr=lr,
+                          extra={"skipped_steps": self.skipped_steps})
+
+    def save(self, directory: Path) -> None:
+        self._engine.save_checkpoint(str(directory), tag=TAG)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self._engine.load_checkpoint(str(directory), tag=TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
+
+    def galore_stats(self) -> dict[str, Any]:
+        return {**dict(getattr(self.basic_optimizer, "galore_stats", {}) or {}),
+                "skipped_steps": self.skipped_steps}
+
+
+__all__ = ["DeepSpeedEngine"]
