@@ -1,4 +1,4 @@
-"""Per-layer mode (galore_ds.layerwise): exact accumulation, clipping, scheduler, resume."""
+"""Per-layer mode (galore_ds.LayerwiseOptimizer): exact accumulation, clipping, scheduler, resume."""
 from __future__ import annotations
 
 import copy

@@ -327,7 +327,9 @@ WORKER = Path(__file__).resolve().parent / "dist" / "reliability_worker.py"
 # (engine.mode, engine.deepspeed): FSDP2, and DeepSpeed under torchrun (its own launcher has
 # no restarts). NaN at fp32 ZeRO-0 is the optimizer's own check; ZeRO-2 shards the state.
 ENGINES = {"fsdp": ("fsdp", {}), "deepspeed-zero0": ("deepspeed", {}),
-           "deepspeed-zero2": ("deepspeed", {"zero_optimization": {"stage": 2}})}
+           "deepspeed-zero2": ("deepspeed", {"zero_optimization": {"stage": 2}}),
+           # HSDP 2 x 2 without clipping: the optimizer averages projected gradients over replicas
+           "hsdp-lowrank": ("fsdp", {})}
 
 
 def _torchrun(tmp_path: Path, name: str, cache_dir: str, kill_at: int, restarts: int,
@@ -336,16 +338,20 @@ def _torchrun(tmp_path: Path, name: str, cache_dir: str, kill_at: int, restarts:
     import sys
 
     mode, ds = ENGINES[engine]
-    recipe = tiny_recipe(tmp_path / name, cache_dir, name="dying-rank", training__steps=10,
-                         training__micro_batch=2, training__eval_batches=0, galore__update_proj_gap=3,
-                         engine__mode=mode, engine__deepspeed=ds, checkpoint__every=3)
+    hsdp = engine == "hsdp-lowrank"
+    over = dict(training__steps=10, training__micro_batch=2, training__eval_batches=0, galore__update_proj_gap=3,
+                engine__mode=mode, engine__deepspeed=ds, checkpoint__every=3)
+    if hsdp:
+        over.update(engine__fsdp={"replicate": 2}, training__grad_clip=0.0, training__micro_batch=1)
+    recipe = tiny_recipe(tmp_path / name, cache_dir, name="dying-rank", **over)
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(recipe))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", KILL_AT=str(kill_at), KILL_RANK="1", NAN_AT=str(nan_at), NAN_RANK="1",
                KILL_ENGINE=mode,
                PYTHONPATH=str(WORKER.parents[2]))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        "4" if hsdp else "2",
                         "--max-restarts", str(restarts), str(WORKER), "--config", str(cfg), "--resume"],
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -408,7 +414,7 @@ def test_dying_rank_restarts_from_checkpoint_and_ends_where_an_uninterrupted_run
     assert epoch == 10 and steps and set(steps) == {10.0}
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero0", "deepspeed-zero2"])
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero0", "deepspeed-zero2", "hsdp-lowrank"])
 def test_nan_on_one_rank_skips_the_step_on_both_ranks(tmp_path, cache_dir, engine):
     # Only rank 1's loss is NaN in step 4; the global (all-reduced) norm is NaN on both ranks, so
     # both skip: 10 batches, 9 optimizer steps everywhere, nothing poisoned, nothing hung.

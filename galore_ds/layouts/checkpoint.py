@@ -273,10 +273,10 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
             st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
         keys = _rule_keys(opt, e)
         raw: dict[str, str] = {}
-        overlaps: list[tuple[int, int, int]] = []
+        reads = None
         shards_saved = _saved_shards(name, saved) if eight_bit else None
         if shards_saved is not None:
-            raw, overlaps = _plan_8bit(opt, e, name, keys["exp_avg"], shards_saved, saved, optim)
+            raw, reads = _plan_8bit(opt, e, name, keys["exp_avg"], shards_saved, saved, optim)
             keys = {}
         for key, shape in keys.items():
             t = torch.zeros(shape, device=device)
@@ -285,14 +285,14 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
             st[key] = _dtensor_like(t, e.param, where) if split else t
         for key, value in st.items():
             optim[f"{name}.{key}"] = value
-        plans.append((name, e, st, raw, overlaps, shards_saved))
+        plans.append((name, e, st, raw, reads, shards_saved))
     sd = {"model": get_model_state_dict(model), "optim": optim}
     dcp.load(sd, checkpoint_id=checkpoint_id, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_model_state_dict(model, sd["model"])
     optim = sd["optim"]
     for gi, group in enumerate(opt.param_groups):
         group["lr"] = float(optim[f"group{gi}.lr"])
-    for name, e, st, raw, overlaps, shards_saved in plans:
+    for name, e, st, raw, reads, shards_saved in plans:
         if int(optim[f"{name}.step"]) == -1:
             opt.state.pop(e.key, None)
             continue
@@ -304,7 +304,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
         if raw:
             new.update({k: optim[v].clone() for k, v in raw.items()})
         elif shards_saved is not None:
-            dense = _assemble_8bit(e, name, optim, overlaps, shards_saved)
+            dense = _assemble_8bit(e, name, optim, reads, shards_saved)
             new.update(eight_bit_form(dense, e.group, dense["exp_avg"].shape, e.p_local.device))
         opt.state[e.key] = new
 
@@ -323,10 +323,10 @@ def _saved_shards(name: str, saved: dict) -> int | None:
 
 
 def _plan_8bit(opt, e: Entry, name: str, moment: tuple[int, ...], shards_saved: int, saved: dict,
-               optim: dict) -> tuple[dict[str, str], list[tuple[int, int, int]]]:
+               optim: dict) -> tuple[dict[str, str], "_Reads | None"]:
     """Placeholders for the saved 8-bit shards this rank needs: its own layout's (installed as
-    they are) when shard count, shapes and form match, else every saved shard overlapping its
-    block (re-formed). Returns ({state key: checkpoint key} of raw tensors, overlaps)."""
+    they are) when shard count, shapes and form match, else the saved shards that overlap its
+    block (re-formed). Returns ({state key: checkpoint key} of raw tensors, reads)."""
     shard, shards = _shard_of(e)
     device = e.p_local.device
     if shards_saved == shards:
@@ -335,50 +335,68 @@ def _plan_8bit(opt, e: Entry, name: str, moment: tuple[int, ...], shards_saved: 
         keys = {k: _shard_key(name, k, shard, shards) for k in fresh}
         if all(saved.get("optim." + keys[k]) == (v.shape, v.dtype) for k, v in fresh.items()):
             optim.update({keys[k]: v for k, v in fresh.items()})
-            return keys, []
-    where = low_place(e)
-    dim = where.dim if where.dim is not None else 0
-    starts = [0]
-    for k in range(shards_saved):
-        starts.append(starts[-1] + saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0][dim])
-    lo = where.start if where.dim is not None else 0
-    hi = lo + moment[dim]
-    overlaps = []
-    for k in range(shards_saved):
-        if starts[k] < hi and lo < starts[k + 1] or starts[k] == starts[k + 1] == lo == hi:
-            overlaps.append((k, starts[k], starts[k + 1]))
-            for key in EIGHT_BIT_KEYS:
-                full = f"optim.{_shard_key(name, key, k, shards_saved)}"
-                if full in saved:
-                    shape, dtype = saved[full]
-                    optim[full[len("optim."):]] = torch.empty(shape, dtype=dtype, device=device)
-    return {}, overlaps
+            return keys, None
+    logical = low_place(e)
+    shapes = [tuple(saved[f"optim.{_shard_key(name, 'state1', k, shards_saved)}"][0]) for k in range(shards_saved)]
+    # the dimension the saver split the moments along: where its blocks are shorter
+    saved_dim = next((d for d in range(len(logical.shape)) if shapes[0][d] != logical.shape[d]), None)
+    if saved_dim is None:  # every saver held the whole tensor: one copy is enough
+        starts, wanted = [0, logical.shape[0]], [0]
+    else:
+        starts = [0]
+        for shape in shapes:
+            starts.append(starts[-1] + shape[saved_dim])
+        lo, hi = _span(e, logical, saved_dim)
+        wanted = [k for k in range(shards_saved) if starts[k] < hi and lo < starts[k + 1]]
+    for k in wanted:
+        for key in EIGHT_BIT_KEYS:
+            full_key = f"optim.{_shard_key(name, key, k, shards_saved)}"
+            if full_key in saved:
+                shape, dtype = saved[full_key]
+                optim[full_key[len("optim."):]] = torch.empty(shape, dtype=dtype, device=device)
+    return {}, _Reads(saved_dim, starts, wanted)
 
 
-def _assemble_8bit(e: Entry, name: str, loaded: dict, overlaps, shards_saved: int) -> dict[str, torch.Tensor]:
-    """This rank's block of each Adam moment from the saved 8-bit shards that overlap it."""
-    where = low_place(e)
-    dim = where.dim if where.dim is not None else 0
-    lo = where.start if where.dim is not None else 0
+@dataclass(frozen=True)
+class _Reads:
+    dim: int | None      # the saver's split dimension (None: whole copies)
+    starts: list[int]    # saved block offsets along it
+    wanted: list[int]    # saved blocks this rank reads
+
+
+def _span(e: Entry, logical: Place, dim: int) -> tuple[int, int]:
+    """This rank's range of the logical tensor along `dim` (all of it when not split there)."""
+    if logical.dim != dim:
+        return 0, logical.shape[dim]
+    lay = e.layout
+    span = lay.rows if dim == 0 and lay.split_dim == 0 else lay.cols
+    if lay.piece is not None and not e.galore and not _rows_kept(e):
+        span = (lay.piece.start, lay.piece.end)
+    return logical.start, logical.start + (span[1] - span[0])
+
+
+def _assemble_8bit(e: Entry, name: str, loaded: dict, reads: "_Reads", shards_saved: int) -> dict[str, torch.Tensor]:
+    """This rank's block of each Adam moment from the saved 8-bit blocks it read (each
+    dequantized with its own absmax)."""
+    logical = low_place(e)
     out = {}
     for key, (sk, ak, signed) in EIGHT_BIT.items():
-        pieces = []
-        for k, start, stop in overlaps:
+        parts = []
+        for k in reads.wanted:
             codes = loaded[_shard_key(name, sk, k, shards_saved)]
-            absmax = loaded.get(_shard_key(name, ak, k, shards_saved))
-            values = dequantize(codes, absmax, signed)
-            pieces.append(values.narrow(dim, max(lo, start) - start, min(stop, lo + _len(e, dim)) - max(lo, start)))
-        out[key] = torch.cat(pieces, dim=dim)
+            parts.append(dequantize(codes, loaded.get(_shard_key(name, ak, k, shards_saved)), signed))
+        if reads.dim is None:
+            block = parts[0]
+        else:
+            block = torch.cat(parts, dim=reads.dim)
+            lo, hi = _span(e, logical, reads.dim)
+            first = reads.starts[reads.wanted[0]]
+            block = block.narrow(reads.dim, lo - first, hi - lo)
+        if logical.dim is not None and logical.dim != reads.dim:
+            lo, hi = _span(e, logical, logical.dim)
+            block = block.narrow(logical.dim, lo, hi - lo)
+        out[key] = block
     return out
-
-
-def _len(e: Entry, dim: int) -> int:
-    where = low_place(e)
-    lay = e.layout
-    if where.dim is None:
-        return where.shape[dim]
-    span = lay.rows if dim == 0 and (e.galore or lay.split_dim == 0) else lay.cols
-    return span[1] - span[0]
 
 
 __all__ = ["dcp_state_dict", "dcp_load", "place", "low_place", "Place", "named_entries",

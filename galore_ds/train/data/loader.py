@@ -57,13 +57,27 @@ class StepLoader:
         self.position = int(sd["position"])
 
 
+EVAL_WEIGHT = "eval_weight"
+
+
 def eval_batches(dataset: PackedDataset, n_batches: int, micro_batch: int, rank: int,
                  world_size: int) -> list[dict[str, torch.Tensor]]:
     """The same fixed eval sequences on every world size: the first n_batches*micro_batch of
-    the eval set (wrapping if it is smaller), rank r taking micro-batches r, r+W, ... (a rank
-    may get one fewer, or none; engines average over all of them)."""
+    the eval set (wrapping if it is smaller), rank r taking micro-batches r, r+W, ...
+
+    Every rank gets ceil(n_batches / W) batches, because a sharded forward (FSDP2, ZeRO-3) is
+    a collective every rank must join; a rank's extra batch repeats one of its own with
+    EVAL_WEIGHT 0, and engines average the weighted losses over all ranks."""
     n = len(dataset)
     if n == 0 or n_batches == 0:
         return []
-    return [dataset.batch([(b * micro_batch + i) % n for i in range(micro_batch)])
-            for b in range(rank, n_batches, world_size)]
+    per_rank = -(-n_batches // world_size)
+    out = []
+    for k in range(per_rank):
+        b = rank + k * world_size
+        real = b < n_batches
+        b = b if real else rank % n_batches
+        batch = dataset.batch([(b * micro_batch + i) % n for i in range(micro_batch)])
+        batch[EVAL_WEIGHT] = torch.tensor(1.0 if real else 0.0)
+        out.append(batch)
+    return out

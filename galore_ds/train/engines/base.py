@@ -173,17 +173,26 @@ class Engine(ABC):
         return self.model(**self.to_device(batch)).loss
 
     def eval_loss(self, batches: list[dict[str, "torch.Tensor"]]) -> float:
+        """Weighted mean over all ranks (data.loader.eval_batches: every rank runs the same
+        number of forwards, padding ones weigh 0)."""
         import torch
+
+        from galore_ds.train.data.loader import EVAL_WEIGHT
 
         module = self.model
         module.eval()
+        total, count = 0.0, 0
         try:
             with torch.no_grad():
-                total = sum(float(self.forward_loss(b)) for b in batches)
+                for b in batches:
+                    weight = float(b.get(EVAL_WEIGHT, 1.0))
+                    loss = self.forward_loss({k: v for k, v in b.items() if k != EVAL_WEIGHT})
+                    total += weight * float(loss)
+                    count += int(weight)
         finally:
             module.train()
             self.after_eval()
-        return self.mean_over_ranks(total, len(batches))
+        return self.mean_over_ranks(total, count)
 
     def after_eval(self) -> None:
         """Put the model back as training expects it (FSDP2: reshard)."""

@@ -93,7 +93,7 @@ class DeepSpeedEngine(Engine):
         # measure it at the boundary, where the gradients are all-reduced and not yet clipped
         own_norm = (not is_galore(self.cfg) and eng.zero_optimization_stage() == 0
                     and not (eng.fp16_enabled() or eng.bfloat16_enabled()))
-        total, norm = 0.0, None
+        total, norm, skipped_before = 0.0, None, int(getattr(eng, "skipped_steps", 0))
         for i, mb in enumerate(micro_batches):
             loss = self.forward_loss(mb)
             eng.backward(loss)
@@ -101,11 +101,13 @@ class DeepSpeedEngine(Engine):
                 norm = torch.nn.utils.get_total_norm([p.grad for p in eng.module.parameters() if p.grad is not None])
             eng.step()
             total += float(loss.detach())
-        if is_galore(self.cfg):
+        self.skipped_steps = int(getattr(eng, "skipped_steps", 0))
+        if self.skipped_steps > skipped_before:
+            norm = math.inf  # DeepSpeed's wrappers skip a NaN/Inf step before the optimizer runs
+        elif is_galore(self.cfg):
             norm = self.basic_optimizer.grad_norm
         elif norm is None:
             norm = eng.get_global_grad_norm()
-        self.skipped_steps = int(getattr(eng, "skipped_steps", 0))
         return StepResult(loss=self.mean_over_ranks(total, len(micro_batches)),
                           grad_norm=float(norm) if norm is not None else math.nan, lr=lr,
                           extra={"skipped_steps": self.skipped_steps})

@@ -1,0 +1,58 @@
+"""The package's layers import only downward: core (math, torch only) -> layouts -> optim ->
+integrations -> train -> tools. A module importing a later layer fails here, naming both."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "galore_ds"
+LAYERS = ["core", "layouts", "optim", "integrations", "train", "tools"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "galore_ds" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in LAYERS else None
+
+
+def test_every_module_belongs_to_a_layer():
+    stray = [p.relative_to(PKG) for p in PKG.rglob("*.py")
+             if p.parent != PKG and p.relative_to(PKG).parts[0] not in LAYERS]
+    assert not stray, stray
+    top = sorted(p.name for p in PKG.glob("*.py"))
+    assert top == ["__init__.py"], top  # the package facade only
+
+
+def test_imports_only_go_down():
+    wrong = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if len(rel.parts) < 2:
+            continue
+        mine = LAYERS.index(rel.parts[0])
+        for module in _imports(path):
+            layer = _layer(module)
+            if layer is not None and LAYERS.index(layer) > mine:
+                wrong.append(f"{rel} imports {module} ({layer} is above {rel.parts[0]})")
+            if module == "galore_ds" and mine < LAYERS.index("optim"):
+                wrong.append(f"{rel} imports the package facade galore_ds (it imports every layer)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_core_is_math_only():
+    """core imports torch, never torch.distributed."""
+    for path in (PKG / "core").rglob("*.py"):
+        assert not any(m.startswith("torch.distributed") for m in _imports(path)), path
