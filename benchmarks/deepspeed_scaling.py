@@ -86,7 +86,7 @@ def run(stage, world, rank, opt_name):
     import deepspeed
     import torch.distributed as dist
 
-    from galore_ds.distributed.common import count_collectives
+    from galore_ds.layouts.comm import count_collectives
 
     torch.manual_seed(0)
     model = Stack()
@@ -94,8 +94,8 @@ def run(stage, world, rank, opt_name):
                                              config=config(stage, world, opt_name))
     basic = engine.basic_optimizer
     svd_time = [0.0]
-    if hasattr(basic, "_compute_basis"):
-        orig = basic._compute_basis
+    if hasattr(basic, "compute_basis"):
+        orig = basic.compute_basis
 
         def timed(*a, **k):
             t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def run(stage, world, rank, opt_name):
                 return orig(*a, **k)
             finally:
                 svd_time[0] += time.perf_counter() - t0
-        basic._compute_basis = timed
+        basic.compute_basis = timed
     steps = []
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(step)
@@ -179,7 +179,9 @@ def main():
     import deepspeed
     import torch.distributed as dist
 
-    import galore_ds  # noqa: F401
+    import galore_ds.integrations.deepspeed as gds
+
+    gds.register()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []

@@ -3,12 +3,15 @@
     torchrun --nproc_per_node W benchmarks/fsdp_comm.py [--hidden 256 --inter 688 --layers 2 --rank 64]
 
 Writes benchmarks/results/fsdp_comm_w{W}.json. Model: LLaMA-shaped linear blocks (q, k, v, o:
-h x h; gate, up: i x h; down: h x i), fully_shard per block, batch 8 per rank. Optimizers:
-  galore_owner     FSDPGaLoreAdamW, refresh_mode=owner (exact SVD on the owner)
-  galore_subspace  FSDPGaLoreAdamW, refresh_mode=subspace, refresh=randomized
-  adamw            torch.optim.AdamW on the same FSDP2 model (no GaLore)
-  galore_torch     galore-torch 1.0 GaLoreAdamW handed the DTensor parameters
-  galore_adafactor FSDPGaLoreAdafactor (owner refresh; one statistics all-reduce per step)
+h x h; gate, up: i x h; down: h x i), fully_shard per block, batch 8 per rank. Optimizers
+(galore_ds's public classes, which read the placements):
+  galore_right      GaLoreAdamW, proj_type right: every matrix by rows (exact SVD on an owner)
+  galore_std_cols   proj_type std, down (left-projected) sharded by columns (shard_placement_fn)
+  galore_std_rows   proj_type std, down sharded by rows: its P^T G_i partial sums all-reduced
+  galore_randomized proj_type right, refresh=randomized (distributed subspace iteration)
+  adamw             torch.optim.AdamW on the same FSDP2 model (no GaLore)
+  galore_torch      galore-torch 1.0 GaLoreAdamW handed the DTensor parameters
+  galore_adafactor  GaLoreAdafactor, proj_type right (one statistics all-reduce per step)
   galore_torch_adafactor  galore-torch 1.0 GaLoreAdafactor handed the DTensor parameters
 For each: collectives and bytes issued by optimizer.step() on a refresh step and between
 refreshes (torch.distributed calls counted by wrapping, plus CommDebugMode, which also sees
@@ -32,8 +35,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from galore_ds.distributed.common import COMM, count_collectives  # noqa: E402
-from galore_ds.distributed.fsdp import FSDPGaLoreAdafactor, FSDPGaLoreAdamW  # noqa: E402
+import galore_ds  # noqa: E402
+from galore_ds.layouts.comm import COMM, count_collectives  # noqa: E402
 
 
 class Block(nn.Module):
@@ -50,13 +53,20 @@ class Block(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def build(args):
+def build(args, cols: bool = False):
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     torch.manual_seed(0)
     model = nn.Sequential(*(Block(args.hidden, args.inter) for _ in range(args.layers)))
+    world = dist.get_world_size()
+    downs = {id(blk.down.weight) for blk in model}
+
+    def placement(p):  # the left-projected (wide) down_proj by columns, where they divide
+        return Shard(1) if cols and id(p) in downs and p.shape[1] % world == 0 else None
+
     for blk in model:
-        fully_shard(blk)
+        fully_shard(blk, shard_placement_fn=placement)
     fully_shard(model)
     return model
 
@@ -64,12 +74,13 @@ def build(args):
 def make_opt(name, model, args):
     mats = [p for n, p in model.named_parameters() if p.ndim == 2]
     rest = [p for n, p in model.named_parameters() if p.ndim != 2]
-    g = dict(params=mats, rank=args.rank, update_proj_gap=args.gap, scale=0.25)
-    if name == "galore_owner":
-        return FSDPGaLoreAdamW([g, dict(params=rest)], lr=1e-3)
-    if name == "galore_subspace":
-        return FSDPGaLoreAdamW([dict(g, refresh="randomized"), dict(params=rest)], lr=1e-3,
-                               refresh_mode="subspace")
+    g = dict(params=mats, rank=args.rank, update_proj_gap=args.gap, scale=0.25, proj_type="right")
+    if name == "galore_right":
+        return galore_ds.GaLoreAdamW([g, dict(params=rest)], lr=1e-3)
+    if name in ("galore_std_cols", "galore_std_rows"):
+        return galore_ds.GaLoreAdamW([dict(g, proj_type="std"), dict(params=rest)], lr=1e-3)
+    if name == "galore_randomized":
+        return galore_ds.GaLoreAdamW([dict(g, refresh="randomized"), dict(params=rest)], lr=1e-3)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     if name == "galore_torch":
@@ -78,7 +89,7 @@ def make_opt(name, model, args):
         return GaLoreAdamW([dict(g, proj_type="std"), dict(params=rest)], lr=1e-3)
     adafactor = dict(lr=1e-3, relative_step=False, scale_parameter=False)
     if name == "galore_adafactor":
-        return FSDPGaLoreAdafactor([g, dict(params=rest)], **adafactor)
+        return galore_ds.GaLoreAdafactor([g, dict(params=rest)], **adafactor)
     if name == "galore_torch_adafactor":
         from galore_torch import GaLoreAdafactor
 
@@ -115,12 +126,12 @@ def measured_step(opt):
     return {"seconds_max_over_ranks": float(t), "dist_calls": c.total_calls(),
             "dist_bytes_first_tensor_arg": c.total_bytes(), "commdebug_ops": cdm.get_total_counts(),
             "commdebug_by_op": {str(k): v for k, v in cdm.get_comm_counts().items()},
-            "galore_helper_bytes": COMM.total_bytes()}
+            "galore_helper_bytes": COMM.total_bytes(), "galore_ops": dict(COMM.calls)}
 
 
 def run(name, args):
     rank = dist.get_rank()
-    model = build(args)
+    model = build(args, cols=name == "galore_std_cols")
     try:
         opt = make_opt(name, model, args)
     except Exception as exc:  # noqa: BLE001
@@ -140,6 +151,7 @@ def run(name, args):
     out["cold_refresh"] = s[0]
     out["warm_refresh"] = s[args.gap]
     out["between"] = {
+        "galore_ops_per_step": s[1].get("galore_ops"),
         "dist_calls_per_step": sum(x["dist_calls"] for x in s[1:args.gap]) / (args.gap - 1),
         "commdebug_ops_per_step": sum(x["commdebug_ops"] for x in s[1:args.gap]) / (args.gap - 1),
         "seconds_per_step": sum(x["seconds_max_over_ranks"] for x in s[1:args.gap]) / (args.gap - 1),
@@ -158,7 +170,8 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--gap", type=int, default=4)
-    ap.add_argument("--only", nargs="*", default=["galore_owner", "galore_subspace", "adamw", "galore_torch",
+    ap.add_argument("--only", nargs="*", default=["galore_right", "galore_std_cols", "galore_std_rows",
+                                                  "galore_randomized", "adamw", "galore_torch",
                                                   "galore_adafactor", "galore_torch_adafactor"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

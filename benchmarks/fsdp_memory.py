@@ -23,9 +23,9 @@ the root, which keeps its weights (embedding, lm_head, final norm) unsharded fro
 backward (--root-reshard true reshards it too, as the engine did before 2026-11-24). GaLore on every attention and MLP matrix
 (galore_ds.param_groups, the paper's ranks: 128 for 60M, 256 for 130M and 350M), embedding,
 lm_head and norms full-rank; seq 256, micro-batch 1 per rank, no clipping, no accumulation.
-  stored     FSDPGaLoreAdamW(8bit): backward stores every bf16 gradient shard, then step()
+  stored     GaLoreAdamW(8bit): backward stores every bf16 gradient shard, then step()
              (owner refresh: one all_to_all of all due matrices, one all_gather of the Qs).
-  layerwise  FSDPLayerwiseOptimizer over the same optimizer: each shard is updated inside the
+  layerwise  LayerwiseOptimizer over the same optimizer: each shard is updated inside the
              hook FSDP2 runs after its group's reduce-scatter and freed there (immediate mode:
              no clipping, one micro-batch; each matrix refreshes from its own hook).
 update_proj_gap is 2: step 0 (first refresh, creates the state) is the warm-up, steps 1 (no
@@ -94,7 +94,7 @@ def _tensor_bytes(obj, seen: set) -> int:
     """Bytes of every distinct tensor storage in obj (dicts, lists, DTensors as local shards)."""
     import torch
 
-    from galore_ds.optim.base import local_tensor
+    from galore_ds.layouts.base import local_tensor
 
     if torch.is_tensor(obj):
         t = local_tensor(obj)
@@ -112,7 +112,7 @@ def _tensor_bytes(obj, seen: set) -> int:
 
 def analytic(model, opt) -> dict:
     """Exact per-rank byte counts from the sharded model and the optimizer's tensors."""
-    from galore_ds.optim.base import local_tensor
+    from galore_ds.layouts.base import local_tensor
 
     param_bytes = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in model.parameters())
     # gradient shards have the sharded parameter's dtype (bf16); FSDP2 views them into one
@@ -169,8 +169,7 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     importlib.import_module("bitsandbytes")  # loaded before the baseline (the 8-bit rule needs it)
     from galore_ds import param_groups
     from galore_ds.train.config import ModelConfig
-    from galore_ds.distributed.fsdp import FSDPGaLoreAdamW, FSDPGaLoreAdamW8bit
-    from galore_ds.distributed.fsdp_layerwise import FSDPLayerwiseOptimizer
+    from galore_ds import GaLoreAdamW, GaLoreAdamW8bit, LayerwiseOptimizer
     from galore_ds.train.model import DTYPES, build_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -200,9 +199,9 @@ def run_rank(model_name: str, opt_name: str, mode: str, args) -> dict:
     model.train()
     groups = param_groups(model, rank=r, update_proj_gap=args.gap, scale=0.25,
                           refresh=args.refresh, stagger=False)
-    cls = FSDPGaLoreAdamW if opt_name == "galore_adamw" else FSDPGaLoreAdamW8bit
+    cls = GaLoreAdamW if opt_name == "galore_adamw" else GaLoreAdamW8bit
     opt = cls(groups, lr=1e-3)
-    lw = FSDPLayerwiseOptimizer(opt) if mode == "layerwise" else None
+    lw = LayerwiseOptimizer(opt) if mode == "layerwise" else None
     after_setup = proc_status("VmRSS")
 
     # RSS right after each FSDP group's reduce-scatter (FSDP2 runs the sharded parameters'

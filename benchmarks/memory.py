@@ -40,7 +40,7 @@ def run_one(model_name: str, opt_name: str, steps: int, seq: int, batch: int) ->
     import bitsandbytes  # noqa: F401
     from galore_ds import GaLoreAdamW, GaLoreAdamW8bit, param_groups
     from galore_ds.train.config import ModelConfig
-    from galore_ds.layerwise import LayerwiseOptimizer
+    from galore_ds import LayerwiseOptimizer
     from galore_ds.train.model import build_model, materialize
 
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import galore_ds  # noqa: E402
-from galore_ds import projector as pj  # noqa: E402
+from galore_ds.core import projector as pj  # noqa: E402
 
 # The paper's LLaMA shapes (hidden, intermediate, layers) and GaLore rank.
 MODELS = {

@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     engine.close()  # only after success: a rank that failed must not wait in a teardown
     if dist.rank == 0:
-        print(f"done: step {summary['step']}, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-              f"eval loss {summary['eval_loss']:.4f}, {summary['wall_s']:.1f}s", flush=True)
+        import math
+
+        evaluated = f", eval loss {summary['eval_loss']:.4f}" if math.isfinite(summary["eval_loss"]) else ""
+        print(f"done: step {summary['step']}, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+              f"{evaluated}, {summary['wall_s']:.1f}s", flush=True)
     return 130 if summary["interrupted"] else 0
 
 

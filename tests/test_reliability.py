@@ -368,7 +368,7 @@ def _dcp_state(step_dir: Path) -> dict:
 
 def _final_state(step_dir: Path, engine: str) -> tuple[dict, int, list[float]]:
     """(every tensor of the checkpoint, the lr scheduler's last_epoch, GaLore step counts)."""
-    if engine == "fsdp":
+    if engine in ("fsdp", "hsdp-lowrank"):
         st = _dcp_state(step_dir)
         epoch = torch.load(step_dir / "scheduler.pt", weights_only=True)["scheduler"]["last_epoch"]
         return st, epoch, [float(v) for k, v in st["optim"].items() if k.endswith(".step")]

@@ -38,6 +38,11 @@ from galore_ds.core.groups import global_shape
 from galore_ds.layouts.comm import group_rank_size
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a DTensor (an FSDP2 shard); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @dataclass
 class FlatPiece:
     """Where a ZeRO partition keeps a parameter: elements [start, end) of the flattened
@@ -104,9 +109,7 @@ class Layout:
         matrices, and any matrix when `rows_needed`): a zero-padded copy of the rows it
         touches and a function writing the piece back; otherwise its flat 1-D range."""
         if self.piece is None:
-            param = p.to_local() if hasattr(p, "to_local") else p
-            g = grad.to_local() if grad is not None and hasattr(grad, "to_local") else grad
-            return param, g, None
+            return local_tensor(p), None if grad is None else local_tensor(grad), None
         pc = self.piece
         flat_p = pc.flat.data[pc.offset:pc.offset + pc.numel]
         flat_g = None if grad is None else grad[pc.offset:pc.offset + pc.numel]
@@ -143,7 +146,7 @@ class Layout:
             pc = self.piece
             t = pc.flat.data[pc.offset:pc.offset + pc.numel]
         else:
-            t = p.to_local() if hasattr(p, "to_local") else p
+            t = local_tensor(p)
         return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
     def gather_piece(self, grad_local: torch.Tensor) -> torch.Tensor:
@@ -162,4 +165,4 @@ def plain_layout(p: torch.Tensor, reduce_group: Any = None, replica_group: Any =
     return Layout(shape, rows, cols, reduce_group=reduce_group, replica_group=replica_group)
 
 
-__all__ = ["Layout", "FlatPiece", "plain_layout"]
+__all__ = ["Layout", "FlatPiece", "plain_layout", "local_tensor"]

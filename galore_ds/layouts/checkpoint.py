@@ -33,6 +33,7 @@ import torch
 
 from galore_ds.core import projector as pj
 from galore_ds.core.adamw8bit import BLOCKSIZE, init_moments, qmap
+from galore_ds.layouts.base import local_tensor
 from galore_ds.layouts.entry import Entry
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -143,17 +144,19 @@ def _from_tensor(t: torch.Tensor) -> Any:
 def named_entries(opt, names: dict[int, str] | None = None) -> Iterator[tuple[str, Entry]]:
     """(name, Entry) of every parameter this rank keeps state for. Names come from the
     groups' `param_names` (galore_ds.param_groups writes them), else `names` (id(param) ->
-    name), else the parameter's index; ZeRO pieces are named by their state key."""
+    name), else the parameter's index; ZeRO pieces are named by their state key (DeepSpeed's
+    group and position: the same on every world size)."""
+    if opt.zero is not None:  # ZeRO-3 empties param_groups between its per-sub-group steps
+        for ft in opt.zero.flats.values():
+            group = opt.param_groups[ft.group_index]
+            for seg in ft.segments:
+                if seg.layout is not None and seg.key in opt.state:
+                    yield seg.key, opt.entry(seg.key, ft.flat, seg.layout, group, seg.index, seg.pos,
+                                             seg.n_in_group, None)
+        return
     for group in opt.param_groups:
         pnames = group.get("param_names")
         for pos, p in enumerate(group["params"]):
-            flat = opt.zero.flats.get(id(p)) if opt.zero is not None else None
-            if flat is not None:
-                for seg in flat.segments:
-                    if seg.layout is not None and seg.key in opt.state:
-                        yield seg.key, opt.entry(seg.key, p, seg.layout, group, seg.index, seg.pos,
-                                                 seg.n_in_group, None)
-                continue
             if p not in opt.state:
                 continue
             if pnames is not None:
@@ -299,7 +302,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
         new: dict[str, Any] = {}
         for key in st:
             v = optim[f"{name}.{key}"]
-            v = v.to_local() if hasattr(v, "to_local") else v
+            v = local_tensor(v)
             new[key] = _from_tensor(v) if key in SCALAR_KEYS else v.clone()
         if raw:
             new.update({k: optim[v].clone() for k, v in raw.items()})
@@ -399,5 +402,151 @@ def _assemble_8bit(e: Entry, name: str, loaded: dict, reads: "_Reads", shards_sa
     return out
 
 
-__all__ = ["dcp_state_dict", "dcp_load", "place", "low_place", "Place", "named_entries",
+# --------------------------------------------------------------------- piece files (any layout)
+PIECES = "galore_state_rank{rank}.pt"
+
+
+def _weight_piece(e: Entry) -> tuple[torch.Tensor, int]:
+    """(this rank's weights of the parameter, flattened, fp32 masters where the optimizer keeps
+    them; the offset of the first in the flattened parameter): pieces of whole parameters
+    that `load_pieces` reassembles on any layout."""
+    lay = e.layout
+    if lay.piece is not None:
+        pc = lay.piece
+        return pc.flat.data[pc.offset:pc.offset + pc.numel], pc.start
+    local = local_tensor(e.param).detach()
+    if lay.group is None:
+        return local.reshape(-1), 0
+    if lay.split_dim == 0:
+        return local.reshape(-1), lay.rows[0] * (lay.shape[1] if lay.is_matrix else 1)
+    raise NotImplementedError("piece files hold row blocks and flat ranges; use DCP for column-sharded DTensors")
+
+
+def save_pieces(opt, directory: str, rank: int, weights: bool = True) -> str:
+    """Write this rank's part of the optimizer state (and of the weights the optimizer steps)
+    as pieces of logical tensors, keyed by parameter name: `galore_state_rank<r>.pt`. Together
+    the files of all ranks hold everything, whatever the world size or ZeRO stage."""
+    entries = {}
+    for name, e in named_entries(opt):
+        state = {}
+        for key, value in e.state.items():
+            if not torch.is_tensor(value):
+                state[key] = ("scalar", value)
+            elif key in EIGHT_BIT_KEYS:
+                state[key] = ("raw", low_place(e), tuple(value.shape), value.detach().cpu())
+            else:
+                where = place(e, key, value)
+                state[key] = ("piece", where.shape, where.dim, where.start, value.detach().cpu())
+        entry = {"shape": tuple(e.layout.shape), "state": state}
+        if weights and e.holds:
+            w, start = _weight_piece(e)
+            entry["weights"] = (start, w.detach().float().cpu().clone())
+        entries[name] = entry
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, PIECES.format(rank=rank))
+    torch.save({"entries": entries}, path)
+    return path
+
+
+def _read_pieces(directory: str) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(directory, "galore_state_rank*.pt")))
+    if not files:
+        raise FileNotFoundError(f"no galore_state_rank*.pt under {directory}")
+    return [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["entries"] for f in files]
+
+
+def _assemble(pieces: list[tuple], shape: tuple[int, ...], dtype) -> torch.Tensor:
+    """The logical tensor from (dim, start, block) pieces (overlaps hold equal values)."""
+    full = torch.zeros(shape, dtype=dtype)
+    for dim, start, block in pieces:
+        if dim is None:
+            return block.clone()
+        full.narrow(dim, start, block.shape[dim]).copy_(block)
+    return full
+
+
+def load_pieces(opt, directory: str, weights: bool = True) -> dict[str, torch.Tensor]:
+    """Install the state `save_pieces` wrote (on any world size) into this rank's layout; put
+    the weights into the blocks the optimizer steps, and return every full weight by name
+    (for the caller's other copies: 16-bit model parameters)."""
+    files = _read_pieces(directory)
+    full_weights: dict[str, torch.Tensor] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state.setdefault(p, {})
+    if opt.zero is not None:
+        for ft in opt.zero.flats.values():
+            for seg in ft.segments:
+                if seg.layout is not None:
+                    opt.state.setdefault(seg.key, {})
+    for name, e in list(named_entries(opt)):
+        saved = [f[name] for f in files if name in f]
+        if not saved:
+            opt.state.pop(e.key, None)
+            continue
+        new: dict[str, Any] = {}
+        raws = [{k: v for k, v in s["state"].items() if v[0] == "raw"} for s in saved]
+        raws = [r for r in raws if r]
+        for key in {k for s in saved for k in s["state"]}:
+            kinds = [s["state"][key] for s in saved if key in s["state"]]
+            if kinds[0][0] == "scalar":
+                new[key] = kinds[0][1]
+            elif kinds[0][0] == "piece":
+                shape = kinds[0][1]
+                logical = _assemble([(k[2], k[3], k[4]) for k in kinds], shape, kinds[0][4].dtype)
+                new[key] = _slice(logical, place(e, key, logical), e).to(e.p_local.device).clone()
+        if raws:
+            new.update(_reform_8bit(e, raws))
+        opt.state[e.key] = new
+        if weights:
+            numel = 1
+            for d in saved[0]["shape"]:
+                numel *= d
+            flat = torch.zeros(numel, dtype=torch.float32)
+            for s in saved:
+                if "weights" in s:
+                    start, w = s["weights"]
+                    flat[start:start + w.numel()] = w
+            full = flat.reshape(saved[0]["shape"])
+            full_weights[name] = full
+            if e.holds:
+                w, start = _weight_piece(e)
+                w.copy_(flat[start:start + w.numel()].to(w.dtype))
+    return full_weights
+
+
+def _slice(logical: torch.Tensor, where: Place, e: Entry) -> torch.Tensor:
+    if where.dim is None:
+        return logical
+    length = _span(e, where, where.dim)
+    return logical.narrow(where.dim, where.start, length[1] - length[0])
+
+
+def _reform_8bit(e: Entry, raws: list[dict[str, tuple]]) -> dict[str, torch.Tensor]:
+    """GaLoreAdamW8bit's state for this rank's block from every saver's raw blocks: a saver's
+    block that is exactly this one, in the form the optimizer gives it, is installed as it is;
+    otherwise dequantize each (its own absmax), assemble, slice and quantize."""
+    logical = low_place(e)
+    local = list(logical.shape)
+    if logical.dim is not None:
+        lo, hi = _span(e, logical, logical.dim)
+        local[logical.dim] = hi - lo
+    fresh: dict[str, torch.Tensor] = {}
+    init_moments(fresh, torch.empty(local), e.group)
+    for saver in raws:  # one saver's block was exactly this one
+        _, where, shape, codes = saver["state1"]
+        if where == logical and list(shape) == local and codes.dtype == fresh["state1"].dtype:
+            return {k: v[3].to(e.p_local.device).clone() for k, v in saver.items()}
+    dense = {}
+    for key, (sk, ak, signed) in EIGHT_BIT.items():
+        blocks = []
+        for saver in raws:
+            _, where, shape, codes = saver[sk]
+            absmax = saver[ak][3] if ak in saver else None
+            blocks.append((where.dim, where.start, dequantize(codes, absmax, signed).reshape(shape)))
+        dense[key] = _slice(_assemble(blocks, logical.shape, torch.float32), logical, e)
+    return eight_bit_form(dense, e.group, tuple(local), e.p_local.device)
+
+
+__all__ = ["dcp_state_dict", "dcp_load", "save_pieces", "load_pieces", "place", "low_place", "Place", "named_entries",
            "dequantize", "eight_bit_form"]

@@ -78,6 +78,7 @@ import torch
 from galore_ds.core.groups import refresh_due
 from galore_ds.core.update import Item, clip_coefficient
 from galore_ds.layouts.comm import all_reduce_packed
+from galore_ds.layouts.base import local_tensor
 from galore_ds.layouts.entry import Entry
 from galore_ds.layouts.optimizer import GaLoreOptimizer
 
@@ -133,9 +134,6 @@ class LayerwiseOptimizer:
         self.lr_scheduler = lr_scheduler
         self.accum_dtype = accum_dtype
         self.clip_timing = clip_timing
-        # Exact clipping needs the step's norm before any update, so updates wait for step();
-        # accumulation keeps low-rank accumulators anyway. Otherwise updates run in the hooks.
-        self.deferred = (max_grad_norm is not None and clip_timing == "exact") or accumulation_steps > 1
         self._next_coef = 1.0  # delayed clipping: the coefficient from the previous step's norm
 
         self.micro_step = 0      # micro-batches done in the current window
@@ -172,6 +170,12 @@ class LayerwiseOptimizer:
             p.register_post_accumulate_grad_hook(self._hook)
             for p in self._params if p.requires_grad
         ]
+
+    @property
+    def deferred(self) -> bool:
+        """Exact clipping needs the step's norm before any update, so updates wait for step();
+        accumulation keeps low-rank accumulators anyway. Otherwise updates run in the hooks."""
+        return (self.max_grad_norm is not None and self.clip_timing == "exact") or self.accumulation_steps > 1
 
     # ------------------------------------------------------------------ public API
     def step(self) -> bool:
@@ -294,7 +298,7 @@ class LayerwiseOptimizer:
         self._acc = {}
         for i, t in lw.get("acc", {}).items():
             p = by_index[int(i)]
-            device = (p.to_local() if hasattr(p, "to_local") else p).device
+            device = local_tensor(p).device
             self._acc[p] = t.to(device, self.accum_dtype).clone()
         for p in self._params:
             p.grad = None

@@ -52,7 +52,7 @@ from galore_ds.core.groups import (
 )
 from galore_ds.core.scratch import Scratch
 from galore_ds.core.update import Item, Split, clip_coefficient
-from galore_ds.layouts.base import Layout, plain_layout
+from galore_ds.layouts.base import Layout, local_tensor, plain_layout
 from galore_ds.layouts.comm import all_reduce_packed
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
 from galore_ds.layouts.entry import Entry
@@ -166,7 +166,7 @@ class GaLoreOptimizer(Optimizer):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
                     if torch.is_tensor(value):
-                        device = (p.to_local() if hasattr(p, "to_local") else p).device
+                        device = local_tensor(p).device
                         self.state[p][key] = value.to(device=device, copy=True)
 
     # ------------------------------------------------------------------ layouts

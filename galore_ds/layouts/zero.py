@@ -43,11 +43,13 @@ class FlatSegment:
     pos: int          # position in its param group (stagger offsets)
     n_in_group: int
     layout: Layout | None    # None: another rank holds all of it
+    param: Any = None        # the model's parameter this piece belongs to
 
 
 @dataclass
 class FlatTensor:
-    group_index: int
+    flat: Any                 # the flat fp32 tensor DeepSpeed hands the optimizer
+    group_index: int          # its param group in the optimizer
     segments: list[FlatSegment]
     copy_back: Callable[[], None] | None = None  # refresh DeepSpeed's 16-bit copy after an update
 
@@ -107,13 +109,14 @@ def piece_layout(shape: tuple[int, ...], flat, offset: int, start: int, end: int
                   split_rows=split_rows(tuple(shape), counts))
 
 
-def _range_segment(shape, numel, off, bounds, rank, flat, group, key, index, pos, n) -> FlatSegment:
-    """A parameter occupying [off, off + numel) of a flat tensor split at `bounds`."""
+def _range_segment(p, off, bounds, rank, flat, group, key, index, pos, n) -> FlatSegment:
+    """Parameter `p` occupying [off, off + numel) of a flat tensor split at `bounds`."""
+    numel = p.numel()
     counts = _counts(numel, [(lo - off, hi - off) for lo, hi in bounds])
     lo, hi = bounds[rank]
     s, e = max(off, lo) - off, min(off + numel, hi) - off
     local = max(off, lo) - lo
-    return FlatSegment(key, index, pos, n, piece_layout(tuple(shape), flat, local, s, max(s, e), counts, group))
+    return FlatSegment(key, index, pos, n, piece_layout(tuple(p.shape), flat, local, s, max(s, e), counts, group), p)
 
 
 def _zero12(zo) -> ZeroBinding:
@@ -129,14 +132,14 @@ def _zero12(zo) -> ZeroBinding:
         segs = []
         for p, off in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i]):
             pos = pos_of[id(p)]
-            segs.append(_range_segment(tuple(p.shape), p.numel(), off, bounds, rank, flat, pg,
-                                       f"{STATE_PREFIX}:{i}:{pos}", base + pos, pos, len(originals)))
+            segs.append(_range_segment(p, off, bounds, rank, flat, pg, f"{STATE_PREFIX}:{i}:{pos}",
+                                       base + pos, pos, len(originals)))
         segs.sort(key=lambda s: s.pos)
         base += len(originals)
 
         def copy_back(i=i, rank=rank):
             zo.parallel_partitioned_bit16_groups[i][rank].data.copy_(zo.single_partition_of_fp32_groups[i].data)
-        binding.flats[id(flat)] = FlatTensor(i, segs, copy_back)
+        binding.flats[id(flat)] = FlatTensor(flat, i, segs, copy_back)
         binding.call_order.append(id(flat))
     return binding
 
@@ -165,13 +168,13 @@ def _zero3(zo) -> ZeroBinding:
             pos = pos_count.get(g, 0)
             pos_count[g] = pos + 1
             segs.append(FlatSegment(f"{STATE_PREFIX}:{g}:{pos}", group_base[g] + pos, pos, n_in[g],
-                                    piece_layout(tuple(p.ds_shape), flat, off, st, en, counts, pg)))
+                                    piece_layout(tuple(p.ds_shape), flat, off, st, en, counts, pg), p))
             off += c
 
         def copy_back(s=s):
             if zo.fp16_partitioned_groups_flat[s] is not None:
                 zo.fp16_partitioned_groups_flat[s].data.copy_(zo.fp32_partitioned_groups_flat[s].data)
-        binding.flats[id(flat)] = FlatTensor(g, segs, copy_back)
+        binding.flats[id(flat)] = FlatTensor(flat, g, segs, copy_back)
         binding.call_order.append(id(flat))
     return binding
 
@@ -187,11 +190,11 @@ def _bf16(bo) -> ZeroBinding:
         params = list(bo.bf16_groups[i])
         segs, off = [], 0
         for pos, p in enumerate(params):
-            segs.append(_range_segment(tuple(p.shape), p.numel(), off, bounds, rank, flat, pg,
-                                       f"{STATE_PREFIX}:{i}:{pos}", base + pos, pos, len(params)))
+            segs.append(_range_segment(p, off, bounds, rank, flat, pg, f"{STATE_PREFIX}:{i}:{pos}",
+                                       base + pos, pos, len(params)))
             off += p.numel()
         base += len(params)
-        binding.flats[id(flat)] = FlatTensor(i, segs)
+        binding.flats[id(flat)] = FlatTensor(flat, i, segs, bo.update_lp_params)
         binding.call_order.append(id(flat))
     return binding
 

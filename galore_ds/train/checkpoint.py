@@ -64,11 +64,29 @@ def save(root: Path, step: int, engine: Engine, trainer_state: dict[str, Any], k
             os.fsync(f.fileno())
         os.replace(latest_tmp, root / "latest")
         _fsync_dir(root)  # the renames themselves
-        if keep_last > 0:
-            for old in sorted(root.glob("step-*"))[:-keep_last]:
-                _discard(old)
+        rotate(root, step, keep_last)
     engine.barrier()
     return final
+
+
+def rotate(root: Path, step: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step` (the one just written among them).
+
+    Checkpoints AFTER `step` belong to a run this one resumed before its end: they are left
+    alone (deleting data is never a side effect of saving; `latest` names the new one), and
+    this run replaces each when it saves that step again."""
+    if keep_last <= 0:
+        return
+    mine = [p for p in sorted(Path(root).glob("step-*")) if _step_of(p) is not None and _step_of(p) <= step]
+    for old in mine[:-keep_last]:
+        _discard(old)
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name[len("step-"):])
+    except ValueError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

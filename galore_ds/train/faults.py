@@ -78,16 +78,19 @@ def check_resume(directory: Path, cfg: Config) -> dict[str, Any]:
     old, new = saved.get("model", {}), cfg.to_dict()["model"]
     for key in _MODEL_KEYS:
         if old.get(key) != new.get(key):
-            raise ConfigError("checkpoint.resume",
-                              f"{str(directory)!r} was written by another model (model.{key} {old.get(key)} there, "
-                              f"{new.get(key)} in this recipe)",
+            raise ConfigError(f"model.{key}",
+                              f"is {new.get(key)!r} but the checkpoint {str(directory)!r} was written by a model with "
+                              f"{old.get(key)!r}",
                               "resume with the recipe that wrote it, or use a new checkpoint.dir")
-    for sec, key in (("training", "optimizer"), ("galore", "enabled"), ("galore", "rank")):
+    # what shapes the optimizer state: changing it at resume cannot be honoured (docs/resume.md)
+    for sec, key in (("training", "optimizer"), ("galore", "enabled"), ("galore", "rank"),
+                     ("galore", "target_modules"), ("galore", "proj_type"), ("galore", "stagger")):
         a, b = saved.get(sec, {}).get(key), cfg.to_dict()[sec][key]
         if a != b:
-            raise ConfigError("checkpoint.resume",
-                              f"{str(directory)!r} was written with {sec}.{key}={a!r}, this recipe has {b!r}",
-                              "resume with the recipe that wrote it, or use a new checkpoint.dir")
+            raise ConfigError(f"{sec}.{key}",
+                              f"is {b!r} but the checkpoint {str(directory)!r} was written with {a!r}, and the "
+                              "optimizer state depends on it",
+                              f"resume with {sec}.{key}={json.dumps(a)}, or start a new checkpoint.dir")
     return state
 
 

@@ -48,7 +48,6 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) ->
     betas = (t.beta1, t.beta2)
     clip = t.grad_clip if t.grad_clip > 0 else None
     if t.optimizer == "adamw":
-        groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "galore_adamw":
         return GaLoreAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
@@ -75,3 +74,35 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Config):
 
     t = cfg.training
     return schedule(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+
+
+# What a resume takes from the recipe it is given (docs/resume.md): the schedule and the
+# optimizer's hyperparameters. What cannot change is refused before loading (train/faults.py).
+RESUMABLE = ("training.lr", "training.warmup_steps", "training.steps", "training.min_lr_ratio",
+             "training.beta1", "training.beta2", "training.eps", "training.weight_decay", "training.grad_clip",
+             "galore.update_proj_gap", "galore.scale")
+
+
+def apply_recipe(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:
+    """After a checkpoint is loaded (torch's load_state_dict restores the SAVED lr, betas, decay
+    and GaLore keys, and LambdaLR its saved base_lrs): put the recipe's values back, and the
+    lr of the resumed step from the recipe's schedule at the saved step count."""
+    t, g = cfg.training, cfg.galore
+    for group in optimizer.param_groups:
+        group["initial_lr"] = t.lr
+        if "betas" in group:
+            group["betas"] = (t.beta1, t.beta2)
+        if "eps" in group and not isinstance(group["eps"], (tuple, list)):  # Adafactor's eps is a pair
+            group["eps"] = t.eps
+        group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else t.weight_decay
+        if "rank" in group:
+            group["update_proj_gap"] = g.update_proj_gap
+            group["scale"] = g.scale
+    if hasattr(optimizer, "max_grad_norm"):
+        optimizer.max_grad_norm = t.grad_clip if t.grad_clip > 0 else None
+    if scheduler is not None:
+        scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs

@@ -58,6 +58,7 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
             faults.check_resume(found, cfg)  # incomplete, or another model's: one-line error, exit 2
             with faults.load_errors(found):
                 state = checkpoint.load(found, engine)
+            engine.apply_recipe()  # lr, schedule, betas, decay, clip: this recipe's (docs/resume.md)
             start_step = int(state["step"])
             loader.load_state_dict(state["data"])
         elif is_main:
@@ -123,7 +124,7 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
             log.progress(1, {"loss": f"{out.loss:.3f}", "lr": f"{out.lr:.2e}", "gnorm": f"{out.grad_norm:.2f}",
                              "tok/s": f"{tokens_per_step / dt:.0f}",
                              "mem": f"{engine.memory_stats().get('mem_gb', 0):.2f}G"})
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            if t.eval_batches and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 eval_loss = evaluate(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
                 save(step)

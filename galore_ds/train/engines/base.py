@@ -136,6 +136,18 @@ class Engine(ABC):
             self.scheduler.step()
         return norm
 
+    def apply_recipe(self) -> None:
+        """After a resume: the schedule and optimizer hyperparameters follow the recipe given
+        now, not the checkpoint's (train/optim.py apply_recipe; docs/resume.md)."""
+        from galore_ds.train.optim import apply_recipe
+
+        apply_recipe(getattr(self, "basic_optimizer", self.optimizer), self.scheduler, self.cfg)
+        lw = getattr(self, "layerwise", None)
+        if lw is not None:  # the per-layer wrapper clips; the optimizer's own step never runs
+            clip = self.cfg.training.grad_clip
+            lw.max_grad_norm = clip if clip > 0 else None
+            lw.optimizer.max_grad_norm = None
+
     def init_process_group(self) -> None:
         """The default process group (gloo on CPU, nccl on CUDA), once. Under torchrun
         restarts the store is namespaced by attempt (train/faults.py)."""

@@ -11,11 +11,19 @@ optimizers, which DeepSpeed's wrappers drive (galore_ds/integrations/deepspeed.p
   gradient_clipping is 0 for them (the AdamW baseline gets training.grad_clip).
 - One train_step = len(micro_batches) engine.backward/engine.step calls: DeepSpeed averages
   over the accumulation, reduces, steps the optimizer and the scheduler once at the boundary.
-- Checkpoints: engine.save_checkpoint / load_checkpoint (DeepSpeed's per-rank layout; the
-  GaLore state is keyed by strings so it round-trips bit-identically on the same world size).
+- Checkpoints: DeepSpeed's own (engine.save_checkpoint: a resume on the same world size and
+  stage is bit-identical), plus a copy that does not depend on the layout
+  (layouts/checkpoint.py save_pieces: fp32 weights and GaLore state as pieces of whole
+  tensors, by parameter): a resume on another world size or ZeRO stage loads that, puts the
+  weights into every copy DeepSpeed keeps (fp32 masters, 16-bit partitions and parameters),
+  and restores the schedule and DeepSpeed's step counters. fp16's dynamic loss scale restarts
+  from its initial value there.
+- On CPU, DeepSpeed's shared-memory all-reduce leaves one buffer per rank in /dev/shm that it
+  never unlinks; this engine unlinks its own at exit (however the process ends short of a kill).
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import os
@@ -26,11 +34,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from galore_ds.layouts.checkpoint import load_pieces, save_pieces
 from galore_ds.train import faults
+from galore_ds.train.config import ConfigError
 from galore_ds.train.engines.base import TIMEOUT, Engine, StepResult
 from galore_ds.train.optim import build_optimizer, build_param_groups, is_galore, warmup_cosine
 
 TAG = "galore_ds"
+PIECES_DIR = "galore_state"
+META = "engine_meta.pt"
+
+
+def unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce buffer of this rank (/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<addr>_<port>_<rank>, named in deepspeed/ops/csrc/cpu/comm/shm.cpp): ~69 MB each
+    launch never frees. Other ranks have it mapped already; unlinking only drops the name."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK"))
+    if addr and port and rank is not None:
+        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 class DeepSpeedEngine(Engine):
@@ -70,11 +96,28 @@ class DeepSpeedEngine(Engine):
 
         register()
         self.init_process_group()
+        if self.device.type == "cpu":
+            atexit.register(unlink_shm_buffer)
+        config = self.ds_config()
+        self.check_config(config)
         optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg)
         scheduler = warmup_cosine(optimizer, self.cfg)
         self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config())
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.basic_optimizer = optimizer
+
+    @staticmethod
+    def check_config(config: dict[str, Any]) -> None:
+        """DeepSpeed's own parse of engine.deepspeed, before anything is built: a bad section
+        is one line naming the key, not a traceback from inside deepspeed.initialize."""
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        try:
+            DeepSpeedConfig(copy.deepcopy(config))
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types for a bad config
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConfigError("engine.deepspeed", f"DeepSpeed refuses it: {line}",
+                              "fix the section (https://www.deepspeed.ai/docs/config-json/)") from None
 
     @property
     def model(self) -> nn.Module:
@@ -113,12 +156,53 @@ class DeepSpeedEngine(Engine):
                           extra={"skipped_steps": self.skipped_steps})
 
     def save(self, directory: Path) -> None:
-        self._engine.save_checkpoint(str(directory), tag=TAG)
+        directory = Path(directory)
+        eng = self._engine
+        eng.save_checkpoint(str(directory), tag=TAG)
+        if is_galore(self.cfg):
+            save_pieces(self.basic_optimizer, str(directory / PIECES_DIR), self.rank)
+        if self.is_main:
+            torch.save({"world_size": self.world_size, "stage": eng.zero_optimization_stage(),
+                        "scheduler": self.scheduler.state_dict(), "global_steps": eng.global_steps,
+                        "global_samples": eng.global_samples, "skipped_steps": eng.skipped_steps},
+                       directory / META)
 
     def load(self, directory: Path) -> None:
-        path, _ = self._engine.load_checkpoint(str(directory), tag=TAG)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
+        directory = Path(directory)
+        meta = torch.load(directory / META, weights_only=True) if (directory / META).exists() else None
+        same = meta is None or (meta["world_size"] == self.world_size
+                                and meta["stage"] == self._engine.zero_optimization_stage())
+        if same:
+            path, _ = self._engine.load_checkpoint(str(directory), tag=TAG)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
+            return
+        if not is_galore(self.cfg):
+            raise ConfigError("checkpoint.resume", f"{str(directory)!r} was written on {meta['world_size']} ranks "
+                              f"at ZeRO-{meta['stage']}; DeepSpeed cannot reshard the AdamW baseline's state",
+                              "resume on the same world size and stage")
+        self.load_elsewhere(directory, meta)
+
+    def load_elsewhere(self, directory: Path, meta: dict) -> None:
+        """A checkpoint from another world size or ZeRO stage: the layout-independent copy."""
+        eng, opt = self._engine, self.basic_optimizer
+        full = load_pieces(opt, str(directory / PIECES_DIR))
+        wrapper = eng.optimizer
+        if opt.zero is not None:
+            for ft in opt.zero.flats.values():
+                for seg in ft.segments:  # ZeRO-1/2 keep whole 16-bit parameters on every rank
+                    if seg.key in full and seg.param is not None and seg.param.numel() == full[seg.key].numel():
+                        seg.param.data.copy_(full[seg.key].view_as(seg.param).to(seg.param.dtype))
+            for ft in opt.zero.flats.values():
+                if ft.copy_back is not None:
+                    ft.copy_back()
+        elif hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer
+            for lg, hg in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                for lp, hp in zip(lg, hg):
+                    lp.data.copy_(hp.data.to(lp.dtype))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        eng.global_steps, eng.global_samples = int(meta["global_steps"]), int(meta["global_samples"])
+        eng.skipped_steps = int(meta["skipped_steps"])
 
     def galore_stats(self) -> dict[str, Any]:
         return {**dict(getattr(self.basic_optimizer, "galore_stats", {}) or {}),
