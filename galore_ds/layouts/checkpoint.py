@@ -470,7 +470,22 @@ def load_pieces(opt, directory: str, weights: bool = True) -> dict[str, torch.Te
     the weights into the blocks the optimizer steps, and return every full weight by name
     (for the caller's other copies: 16-bit model parameters)."""
     files = _read_pieces(directory)
-    full_weights: dict[str, torch.Tensor] = {}
+    assembled: dict[str, torch.Tensor] = {}
+
+    def full_weights(name: str) -> torch.Tensor:
+        """A whole parameter from every saver's piece (including those this rank does not hold:
+        ZeRO-1/2 keep every 16-bit parameter whole on every rank)."""
+        if name not in assembled:
+            saved = [f[name] for f in files if name in f]
+            shape = saved[0]["shape"]
+            flat = torch.zeros(int(torch.tensor(shape).prod()) if shape else 1, dtype=torch.float32)
+            for s in saved:
+                if "weights" in s:
+                    start, w = s["weights"]
+                    flat[start:start + w.numel()] = w
+            assembled[name] = flat.reshape(shape)
+        return assembled[name]
+
     for group in opt.param_groups:
         for p in group["params"]:
             opt.state.setdefault(p, {})
@@ -498,21 +513,10 @@ def load_pieces(opt, directory: str, weights: bool = True) -> dict[str, torch.Te
         if raws:
             new.update(_reform_8bit(e, raws))
         opt.state[e.key] = new
-        if weights:
-            numel = 1
-            for d in saved[0]["shape"]:
-                numel *= d
-            flat = torch.zeros(numel, dtype=torch.float32)
-            for s in saved:
-                if "weights" in s:
-                    start, w = s["weights"]
-                    flat[start:start + w.numel()] = w
-            full = flat.reshape(saved[0]["shape"])
-            full_weights[name] = full
-            if e.holds:
-                w, start = _weight_piece(e)
-                w.copy_(flat[start:start + w.numel()].to(w.dtype))
-    return full_weights
+        if weights and e.holds:
+            w, start = _weight_piece(e)
+            w.copy_(full_weights(name).reshape(-1)[start:start + w.numel()].to(w.dtype))
+    return {name: full_weights(name) for name in {n for f in files for n in f}} if weights else {}
 
 
 def _slice(logical: torch.Tensor, where: Place, e: Entry) -> torch.Tensor:
@@ -548,5 +552,75 @@ def _reform_8bit(e: Entry, raws: list[dict[str, tuple]]) -> dict[str, torch.Tens
     return eight_bit_form(dense, e.group, tuple(local), e.p_local.device)
 
 
-__all__ = ["dcp_state_dict", "dcp_load", "save_pieces", "load_pieces", "place", "low_place", "Place", "named_entries",
+# --------------------------------------------------------------------- torch's optimizers
+def _torch_units(opt, binding) -> Iterator[tuple[str, Any, int, int, int, Any]]:
+    """(name, state key, offset in the state tensors, start in the flattened parameter, elements,
+    the model parameter) for every piece a torch optimizer (the AdamW baseline) steps: ZeRO
+    flat partitions by segment, whole parameters by their group's param_names otherwise."""
+    if binding is not None:
+        for ft in binding.flats.values():
+            for seg in ft.segments:
+                if seg.layout is not None and seg.layout.piece is not None:
+                    pc = seg.layout.piece
+                    yield seg.key, ft.flat, pc.offset, pc.start, pc.numel, seg.param
+        return
+    for group in opt.param_groups:
+        names = group.get("param_names") or [f"p{i}" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            yield name, p, 0, 0, p.numel(), p
+
+
+def save_torch_pieces(opt, binding, directory: str, rank: int) -> str:
+    """`save_pieces` for a torch optimizer whose state is shaped like what it steps (AdamW):
+    each segment's slice of every such state tensor, the scalars, and the weights."""
+    entries = {}
+    for name, key, off, start, n, _ in _torch_units(opt, binding):
+        st = opt.state.get(key, {})
+        flat_len = key.numel()
+        state = {k: ("piece", start, v.detach().reshape(-1)[off:off + n].cpu().clone())
+                 if torch.is_tensor(v) and v.numel() == flat_len else ("scalar", v) for k, v in st.items()}
+        entries[name] = {"state": state, "weights": (start, key.detach().reshape(-1)[off:off + n].float().cpu().clone()),
+                         "numel": n}
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, PIECES.format(rank=rank))
+    torch.save({"entries": entries}, path)
+    return path
+
+
+def load_torch_pieces(opt, binding, directory: str) -> dict[str, torch.Tensor]:
+    """Inverse of save_torch_pieces on any layout; returns every whole parameter (flattened)."""
+    files = _read_pieces(directory)
+    whole: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for f in files:
+        for name, e in f.items():
+            start, w = e["weights"]
+            size = max(start + w.numel(), whole.get(name, torch.zeros(0)).numel())
+            buf = whole.setdefault(name, torch.zeros(size))
+            if buf.numel() < size:
+                buf = whole[name] = torch.cat([buf, torch.zeros(size - buf.numel())])
+            buf[start:start + w.numel()] = w
+            for k, v in e["state"].items():
+                if v[0] == "scalar":
+                    scalars.setdefault(name, {})[k] = v[1]
+                else:
+                    t = states.setdefault(name, {}).setdefault(k, torch.zeros(0, dtype=v[2].dtype))
+                    if t.numel() < v[1] + v[2].numel():
+                        t = states[name][k] = torch.cat([t, torch.zeros(v[1] + v[2].numel() - t.numel(), dtype=t.dtype)])
+                    t[v[1]:v[1] + v[2].numel()] = v[2]
+    for name, key, off, start, n, _ in _torch_units(opt, binding):
+        key.data.reshape(-1)[off:off + n].copy_(whole[name][start:start + n].to(key.dtype))
+        if name in states or name in scalars:
+            st = opt.state.setdefault(key, {})
+            for k, v in scalars.get(name, {}).items():
+                st[k] = v.clone() if torch.is_tensor(v) else v
+            for k, v in states.get(name, {}).items():
+                if k not in st or not torch.is_tensor(st[k]) or st[k].numel() != key.numel():
+                    st[k] = torch.zeros(key.numel(), dtype=v.dtype, device=key.device).reshape(key.shape)
+                st[k].reshape(-1)[off:off + n].copy_(v[start:start + n])
+    return whole
+
+
+__all__ = ["dcp_state_dict", "dcp_load", "save_pieces", "load_pieces", "save_torch_pieces", "load_torch_pieces", "place", "low_place", "Place", "named_entries",
            "dequantize", "eight_bit_form"]

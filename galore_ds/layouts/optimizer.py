@@ -59,6 +59,7 @@ from galore_ds.layouts.entry import Entry
 from galore_ds.layouts.refresh import refresh as refresh_entries
 from galore_ds.layouts.zero import ZeroBinding
 
+CLIP_TIMINGS = ("exact", "delayed")
 ROW_RULES = ("AdafactorRule",)  # rules whose statistics need 2-D rows of every matrix
 _IGNORE_STEPS = [0]
 
@@ -105,6 +106,9 @@ class GaLoreOptimizer(Optimizer):
         rank, update_proj_gap, scale, proj_type: defaults for GaLore groups; with a flat
             parameter list, `rank` selects the matrices by shape (`split_by_shape`).
         max_grad_norm: clip by the global norm of what the optimizer consumes (None: off).
+        clip_timing: "exact" (this step's norm) or "delayed" (the previous step's: what the
+            per-layer mode does to keep updates inside backward; offered here so a recipe runs
+            the same algorithm on every engine).
         reduce_group: gradients arrive as this rank's own contribution, not averaged across
             this process group (replicated data parallelism without gradient sync, HSDP
             replicas without their all-reduce); the optimizer averages the projected
@@ -116,9 +120,11 @@ class GaLoreOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, rank: int | None = None,
                  update_proj_gap: int | None = None, scale: float | None = None,
                  proj_type: str | None = None, max_grad_norm: float | None = None,
-                 reduce_group: Any = None) -> None:
+                 clip_timing: str = "exact", reduce_group: Any = None) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0 or None")
+        if clip_timing not in CLIP_TIMINGS:
+            raise ValueError(f"clip_timing={clip_timing!r}: expected one of {CLIP_TIMINGS}")
         if "target_modules" in defaults:
             raise ValueError("target_modules selects matrices by module name, which a parameter list does "
                              "not carry: pass galore_ds.param_groups(model, target_modules=...) as params "
@@ -134,6 +140,8 @@ class GaLoreOptimizer(Optimizer):
         for key, value in GALORE_OPTION_DEFAULTS.items():
             defaults.setdefault(key, value)
         self.max_grad_norm = max_grad_norm
+        self.clip_timing = clip_timing
+        self.next_clip_coef = 1.0             # delayed clipping: the coefficient of the last norm
         self.reduce_group = reduce_group
         # Counters a trainer can log (this process; not part of the state dict).
         self.galore_stats: dict[str, int] = {"refreshes": 0, "svd_failures": 0, "nonfinite_refresh_skipped": 0}
@@ -156,10 +164,18 @@ class GaLoreOptimizer(Optimizer):
         if "rank" in group:
             check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]])
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["galore"] = {"next_clip_coef": self.next_clip_coef, "skipped_steps": self.skipped_steps}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
         moments for bf16 weights, so saved tensors are re-installed with their saved dtype
         (moved to the parameter's device only)."""
+        extra = state_dict.get("galore", {})
+        self.next_clip_coef = float(extra.get("next_clip_coef", 1.0))
+        self.skipped_steps = int(extra.get("skipped_steps", self.skipped_steps))
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -290,6 +306,8 @@ class GaLoreOptimizer(Optimizer):
             return False
         self.overflow = False
         coef = clip_coefficient(norm, self.max_grad_norm)
+        if self.clip_timing == "delayed":
+            coef, self.next_clip_coef = self.next_clip_coef, coef
         self.clip_coef = coef
         if coef != 1.0:
             for item in items:
@@ -509,41 +527,49 @@ class GaLoreOptimizer(Optimizer):
     def global_norm(self, entries: list[Entry], items: list[Item]) -> float:
         """L2 norm of every consumed gradient over all ranks: blocks split across a group are
         summed over it (one scalar all-reduce per group), whole ones counted here."""
-        local = torch.zeros((), dtype=torch.float32)
-        per_group: dict[int, tuple[Any, torch.Tensor]] = {}
-        for e in entries:  # every group a layout sums over joins, even with nothing held here
-            g = e.layout.norm_group
-            if g is not None and id(g) not in per_group:
-                per_group[id(g)] = (g, torch.zeros((), dtype=torch.float32))
+        groups: dict[int, Any] = {}  # every group a layout sums over joins, even with nothing held here
+        layouts = [e.layout for e in entries]
         if self.zero is not None:
-            for flat in self.zero.flats.values():
-                for seg in flat.segments:
-                    g = seg.layout.norm_group if seg.layout is not None else None
-                    if g is not None and id(g) not in per_group:
-                        per_group[id(g)] = (g, torch.zeros((), dtype=torch.float32))
+            layouts += [seg.layout for ft in self.zero.flats.values() for seg in ft.segments if seg.layout is not None]
+        for lay in layouts:
+            if lay.norm_group is not None:
+                groups.setdefault(id(lay.norm_group), lay.norm_group)
+        views: dict[int, list[torch.Tensor]] = {0: []}
         for item in items:
-            sq = self.owned_sq(item)
-            g = item.split.group  # None: whole here, or identical on every rank (counted once each)
-            if g is None:
-                local = local + sq.cpu()
-            else:
-                per_group[id(g)] = (g, per_group[id(g)][1] + sq.cpu())
-        if per_group:
-            sums = all_reduce_packed([(t.reshape(1), g) for g, t in per_group.values()], name="grad_norm")
+            key = 0 if item.split.group is None else id(item.split.group)
+            views.setdefault(key, []).append(self.owned(item))
+        sq = {key: _sum_of_squares(ts) for key, ts in views.items()}
+        local = sq.pop(0)
+        if groups:
+            zero = torch.zeros((), dtype=torch.float32)
+            sums = all_reduce_packed([(sq.get(key, zero).reshape(1), g) for key, g in groups.items()],
+                                     name="grad_norm")
             local = local + sum(s.reshape(()) for s in sums)
         return math.sqrt(float(local))
 
     @staticmethod
-    def owned_sq(item: Item) -> torch.Tensor:
-        """Squared norm of the part of an item's gradient this rank counts."""
+    def owned(item: Item) -> torch.Tensor:
+        """The part of an item's gradient this rank counts in whole-tensor sums."""
         g, sp = item.grad, item.split
-        if g.numel() == 0:
-            return torch.zeros((), dtype=torch.float32, device=g.device)
         if sp.dim == 0 and g.dim() == 2:
-            g = g[sp.owned]
-        elif sp.dim == 1:
-            g = g[:, sp.owned]
-        return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+            return g[sp.owned]
+        if sp.dim == 1:
+            return g[:, sp.owned]
+        return g
+
+    @classmethod
+    def owned_sq(cls, item: Item) -> torch.Tensor:
+        """Squared norm of the part of an item's gradient this rank counts."""
+        return _sum_of_squares([cls.owned(item)])
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum of ||t||^2 in fp32 on the CPU, one foreach kernel (non-finite iff any t holds NaN/Inf)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.stack(norms).square().sum().cpu()
 
 
 __all__ = ["GaLoreOptimizer", "split_by_shape"]

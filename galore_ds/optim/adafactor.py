@@ -33,6 +33,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         scale: float | None = None,
         proj_type: str | None = None,
         max_grad_norm: float | None = None,
+        clip_timing: str = "exact",
         reduce_group: Any = None,
         **galore_options: Any,
     ) -> None:
@@ -47,4 +48,5 @@ class GaLoreAdafactor(GaLoreOptimizer):
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init, **galore_options)
         super().__init__(params, defaults, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         proj_type=proj_type, max_grad_norm=max_grad_norm, reduce_group=reduce_group)
+                         proj_type=proj_type, max_grad_norm=max_grad_norm, clip_timing=clip_timing,
+                         reduce_group=reduce_group)

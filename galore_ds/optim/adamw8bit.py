@@ -31,6 +31,7 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         scale: float | None = None,
         proj_type: str | None = None,
         max_grad_norm: float | None = None,
+        clip_timing: str = "exact",
         reduce_group: Any = None,
         **galore_options: Any,
     ) -> None:
@@ -39,4 +40,5 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size, **galore_options)
         super().__init__(params, defaults, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         proj_type=proj_type, max_grad_norm=max_grad_norm, reduce_group=reduce_group)
+                         proj_type=proj_type, max_grad_norm=max_grad_norm, clip_timing=clip_timing,
+                         reduce_group=reduce_group)

@@ -91,7 +91,7 @@ class TrainingConfig:
     global_batch: int = 512           # sequences per optimizer step, all ranks together
     micro_batch: int = 32             # sequences per forward/backward per rank
     grad_clip: float = 0.0            # max global grad norm; 0 = off
-    clip_timing: str = "exact"        # per-layer engine: exact | delayed (previous step's norm)
+    clip_timing: str = "exact"        # exact | delayed (the previous step's norm: the per-layer 24 GB mode)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -475,9 +475,15 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
 
     _choice("engine.mode", e.mode, ENGINE_MODES)
     _choice("engine.multi_rank", e.multi_rank, MULTI_RANK_ENGINES)
-    if e.mode == "single" and dist.world_size > 1:
-        raise ConfigError("engine.mode", f"'single' runs one process but the launcher started {dist.world_size}",
+    mode = cfg.resolved_mode(dist)
+    if mode in ("single", "layerwise") and dist.world_size > 1:
+        key = "engine.mode" if e.mode != "auto" else "engine.multi_rank"
+        raise ConfigError(key, f"{mode!r} runs one process but the launcher started {dist.world_size}",
                           "use engine.mode=auto/deepspeed/fsdp, or launch one process")
+    if mode == "layerwise" and t.optimizer == "adamw":
+        raise ConfigError("training.optimizer", "adamw has no per-layer mode (engine.mode=layerwise)",
+                          "use galore_adamw/galore_adamw8bit/galore_adafactor (galore.enabled=false gives "
+                          "their full-rank rule), or engine.mode=single")
     fp16 = e.deepspeed.get("fp16", {})
     stage = e.deepspeed.get("zero_optimization", {}).get("stage", 0)
     if isinstance(fp16, dict) and fp16.get("enabled") and stage == 0:
@@ -489,6 +495,9 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     _choice("engine.fsdp.param_dtype", e.fsdp.param_dtype, DTYPES)
     _choice("engine.fsdp.reduce_dtype", e.fsdp.reduce_dtype, DTYPES)
     _positive("engine.fsdp.replicate", e.fsdp.replicate)
+    if mode == "fsdp" and dist.world_size % e.fsdp.replicate:
+        raise ConfigError("engine.fsdp.replicate", f"{e.fsdp.replicate} does not divide the {dist.world_size} ranks",
+                          "use a divisor of the world size (HSDP replicas x shards = ranks)")
     if e.fsdp.layerwise and t.optimizer == "adamw":
         raise ConfigError("engine.fsdp.layerwise", "training.optimizer=adamw has no per-layer mode",
                           "use galore_adamw or galore_adamw8bit (galore.enabled=false gives their full-rank rule)")

@@ -47,6 +47,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) ->
     t = cfg.training
     betas = (t.beta1, t.beta2)
     clip = t.grad_clip if t.grad_clip > 0 else None
+    layout = {"clip_timing": t.clip_timing, **layout}
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "galore_adamw":
@@ -80,7 +81,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: Config):
 # optimizer's hyperparameters. What cannot change is refused before loading (train/faults.py).
 RESUMABLE = ("training.lr", "training.warmup_steps", "training.steps", "training.min_lr_ratio",
              "training.beta1", "training.beta2", "training.eps", "training.weight_decay", "training.grad_clip",
-             "galore.update_proj_gap", "galore.scale")
+             "training.clip_timing", "galore.update_proj_gap", "galore.scale")
 
 
 def apply_recipe(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:
@@ -100,6 +101,7 @@ def apply_recipe(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> No
             group["scale"] = g.scale
     if hasattr(optimizer, "max_grad_norm"):
         optimizer.max_grad_norm = t.grad_clip if t.grad_clip > 0 else None
+        optimizer.clip_timing = t.clip_timing
     if scheduler is not None:
         scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

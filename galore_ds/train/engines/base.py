@@ -146,6 +146,7 @@ class Engine(ABC):
         if lw is not None:  # the per-layer wrapper clips; the optimizer's own step never runs
             clip = self.cfg.training.grad_clip
             lw.max_grad_norm = clip if clip > 0 else None
+            lw.clip_timing = self.cfg.training.clip_timing
             lw.optimizer.max_grad_norm = None
 
     def init_process_group(self) -> None:

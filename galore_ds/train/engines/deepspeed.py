@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galore_ds.layouts.checkpoint import load_pieces, save_pieces
+from galore_ds.layouts.checkpoint import load_pieces, load_torch_pieces, save_pieces, save_torch_pieces
+from galore_ds.layouts.zero import read_zero_layout
 from galore_ds.train import faults
 from galore_ds.train.config import ConfigError
 from galore_ds.train.engines.base import TIMEOUT, Engine, StepResult
@@ -73,6 +74,9 @@ class DeepSpeedEngine(Engine):
         c.setdefault("steps_per_print", 10**9)
         c.pop("optimizer", None)  # the recipe's optimizer (training.optimizer, galore.*)
         c.pop("scheduler", None)  # the recipe's warmup + cosine
+        mixed = any(isinstance(c.get(k), dict) and c[k].get("enabled") for k in ("bf16", "fp16"))
+        if self.cfg.model.dtype == "bfloat16" and not mixed:
+            c["bf16"] = {"enabled": True}  # bf16 weights: DeepSpeed keeps their fp32 masters
         return c
 
     def init_process_group(self) -> None:
@@ -161,10 +165,13 @@ class DeepSpeedEngine(Engine):
         eng.save_checkpoint(str(directory), tag=TAG)
         if is_galore(self.cfg):
             save_pieces(self.basic_optimizer, str(directory / PIECES_DIR), self.rank)
+        else:
+            save_torch_pieces(self.basic_optimizer, self.torch_binding(), str(directory / PIECES_DIR), self.rank)
         if self.is_main:
             torch.save({"world_size": self.world_size, "stage": eng.zero_optimization_stage(),
                         "scheduler": self.scheduler.state_dict(), "global_steps": eng.global_steps,
-                        "global_samples": eng.global_samples, "skipped_steps": eng.skipped_steps},
+                        "global_samples": eng.global_samples, "skipped_steps": eng.skipped_steps,
+                        "next_clip_coef": getattr(self.basic_optimizer, "next_clip_coef", 1.0)},
                        directory / META)
 
     def load(self, directory: Path) -> None:
@@ -172,28 +179,37 @@ class DeepSpeedEngine(Engine):
         meta = torch.load(directory / META, weights_only=True) if (directory / META).exists() else None
         same = meta is None or (meta["world_size"] == self.world_size
                                 and meta["stage"] == self._engine.zero_optimization_stage())
+        if meta is not None and hasattr(self.basic_optimizer, "next_clip_coef"):
+            self.basic_optimizer.next_clip_coef = float(meta.get("next_clip_coef", 1.0))
         if same:
             path, _ = self._engine.load_checkpoint(str(directory), tag=TAG)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{TAG}")
             return
-        if not is_galore(self.cfg):
-            raise ConfigError("checkpoint.resume", f"{str(directory)!r} was written on {meta['world_size']} ranks "
-                              f"at ZeRO-{meta['stage']}; DeepSpeed cannot reshard the AdamW baseline's state",
-                              "resume on the same world size and stage")
         self.load_elsewhere(directory, meta)
+
+    def torch_binding(self):
+        """The ZeRO layout of the AdamW baseline's flat partitions (GaLore optimizers hold theirs)."""
+        eng = self._engine
+        wrapper = eng.optimizer if eng.optimizer is not self.basic_optimizer else None
+        return read_zero_layout(wrapper, eng.zero_optimization_stage())
 
     def load_elsewhere(self, directory: Path, meta: dict) -> None:
         """A checkpoint from another world size or ZeRO stage: the layout-independent copy."""
         eng, opt = self._engine, self.basic_optimizer
-        full = load_pieces(opt, str(directory / PIECES_DIR))
+        if is_galore(self.cfg):
+            binding = opt.zero
+            full = load_pieces(opt, str(directory / PIECES_DIR))
+        else:
+            binding = self.torch_binding()
+            full = load_torch_pieces(opt, binding, str(directory / PIECES_DIR))
         wrapper = eng.optimizer
-        if opt.zero is not None:
-            for ft in opt.zero.flats.values():
+        if binding is not None:
+            for ft in binding.flats.values():
                 for seg in ft.segments:  # ZeRO-1/2 keep whole 16-bit parameters on every rank
                     if seg.key in full and seg.param is not None and seg.param.numel() == full[seg.key].numel():
                         seg.param.data.copy_(full[seg.key].view_as(seg.param).to(seg.param.dtype))
-            for ft in opt.zero.flats.values():
+            for ft in binding.flats.values():
                 if ft.copy_back is not None:
                     ft.copy_back()
         elif hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):  # FP16_UnfusedOptimizer

@@ -34,7 +34,6 @@ from torch import nn
 from galore_ds.core import projector as pj
 from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict
 from galore_ds.layouts.comm import COMM
-from galore_ds.train.config import ConfigError
 from galore_ds.train.engines.base import Engine, StepResult
 from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step
 from galore_ds.train.model import DTYPES
@@ -52,10 +51,6 @@ class FSDPEngine(Engine):
 
     def __init__(self, cfg, dist_env) -> None:
         super().__init__(cfg, dist_env)
-        f = cfg.engine.fsdp
-        if f.replicate > 1 and dist_env.world_size % f.replicate:
-            raise ConfigError("engine.fsdp.replicate", f"{f.replicate} does not divide the {dist_env.world_size} ranks",
-                              "use a divisor of the world size (HSDP replicas x shards = ranks)")
         self.layerwise = None
         self.reduce_group = None
 
@@ -152,7 +147,9 @@ class FSDPEngine(Engine):
                                       "skipped_steps": self.layerwise.skipped_steps,
                                       "next_clip_coef": self.layerwise._next_coef}
             torch.save({"scheduler": self.scheduler.state_dict(), "world_size": self.world_size,
-                        "skipped_steps": self.skipped_steps, **extra}, directory / "scheduler.pt")
+                        "skipped_steps": self.skipped_steps,
+                        "next_clip_coef": getattr(self.optimizer, "next_clip_coef", 1.0), **extra},
+                       directory / "scheduler.pt")
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -176,6 +173,9 @@ class FSDPEngine(Engine):
         sched = torch.load(directory / "scheduler.pt", weights_only=True)
         self.scheduler.load_state_dict(sched["scheduler"])
         self.skipped_steps = int(sched.get("skipped_steps", 0))
+        if hasattr(self.optimizer, "next_clip_coef"):
+            self.optimizer.next_clip_coef = float(sched.get("next_clip_coef", 1.0))
+            self.optimizer.skipped_steps = self.skipped_steps
         if self.layerwise is not None and "layerwise" in sched:
             lw = sched["layerwise"]
             self.layerwise.load_window({"micro_step": 0, **lw})

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from galore_ds import GaLoreOptimizer, LayerwiseOptimizer
-from galore_ds.train.config import Config, ConfigError, DistEnv
+from galore_ds.train.config import ConfigError
 from galore_ds.train.engines.base import StepResult
 from galore_ds.train.engines.single import SingleEngine
 
@@ -59,12 +59,6 @@ def layerwise_step(engine, lw: LayerwiseOptimizer, micro_batches) -> tuple[float
 class LayerwiseEngine(SingleEngine):
     name = "layerwise"
     wants_meta_model = True  # a 7B model is materialised straight into its bf16 storage
-
-    def __init__(self, cfg: Config, dist: DistEnv) -> None:
-        if dist.world_size > 1:
-            raise ConfigError("engine.mode", f"'layerwise' runs one process but the launcher started "
-                              f"{dist.world_size}", "launch one process, or use engine.mode=deepspeed/fsdp")
-        super().__init__(cfg, dist)
 
     def setup(self, model: nn.Module) -> None:
         super().setup(model)  # model, optimizer and scheduler exactly as the single engine
