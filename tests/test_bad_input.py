@@ -177,10 +177,10 @@ CASES = [
     ("data-eval-missing", {"data": {"eval_source": "/nonexistent/eval.txt"}}, [], {}, "data.eval_source"),
     # ---- checkpoints -------------------------------------------------------------------------
     ("ckpt-another-model", {"model": {"hidden_size": 64}, "checkpoint": {"resume": _ckpt}}, [], {},
-     "another model"),
+     "model.hidden_size: is 64 but the checkpoint"),
     ("ckpt-another-rank", {"galore": {"rank": 4}, "checkpoint": {"resume": _ckpt}}, [], {}, "galore.rank"),
     ("ckpt-other-galore-targets", {"galore": {"target_modules": ["attn"]}, "checkpoint": {"resume": _ckpt}}, [], {},
-     "does not fit"),
+     "galore.target_modules: is ['attn'] but the checkpoint"),
     ("ckpt-incomplete", {"checkpoint": {"resume": _incomplete_ckpt}}, [], {}, "not a complete checkpoint"),
     ("ckpt-torn-trainer-file", {"checkpoint": {"resume": _corrupt("trainer.pt")}}, [], {}, "cannot be read"),
     ("ckpt-torn-engine-file", {"checkpoint": {"resume": _corrupt("engine.pt")}}, [], {}, "torn or missing"),

@@ -220,7 +220,7 @@ def test_invalid_deepspeed_section_is_one_line_and_exit_2(tmp_path):
 
 
 def test_replicate_not_dividing_the_world_is_refused_before_anything_starts(tmp_path):
-    rec = matrix.recipe(_case(engine="hsdp", world=2), tmp_path / "a", tmp_path / "cache")
+    rec = matrix.recipe(_case(engine="hsdp", world=3), tmp_path / "a", tmp_path / "cache")
     path = tmp_path / "r.json"
     path.write_text(json.dumps(rec))
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(path), "--check"],

@@ -23,6 +23,7 @@ class Entry:
     g_local: torch.Tensor | None
     write_back: Callable[[], None] | None = None
     g_piece: torch.Tensor | None = None   # the raw gradient piece (gathers), when it differs from g_local
+    averaged: bool = False      # its projected gradient is already averaged over the layout's reduce_group
 
     @property
     def side(self) -> pj.Side:

@@ -74,10 +74,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from galore_ds.core.groups import refresh_due
 from galore_ds.core.update import Item, clip_coefficient
-from galore_ds.layouts.comm import all_reduce_packed
+from galore_ds.layouts.comm import COMM, all_reduce_packed, group_rank_size
 from galore_ds.layouts.base import local_tensor
 from galore_ds.layouts.entry import Entry
 from galore_ds.layouts.optimizer import GaLoreOptimizer
@@ -107,6 +108,9 @@ class LayerwiseOptimizer:
             "delayed" (k == 1: the previous step's norm, updates inside the hooks).
         lr_scheduler: stepped once per optimizer step.
         accum_dtype: dtype of the low-rank accumulators (fp32 default: exact).
+        bucket_mb: replicated weights whose gradients are per-rank contributions (optimizer
+            built with reduce_group): what is averaged travels in asynchronous buckets of this
+            size, launched as backward goes on.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class LayerwiseOptimizer:
         clip_timing: str = "exact",
         lr_scheduler: Any = None,
         accum_dtype: torch.dtype = torch.float32,
+        bucket_mb: float = 25,
     ) -> None:
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError(f"LayerwiseOptimizer needs a GaLoreOptimizer, got {type(optimizer).__name__}")
@@ -160,6 +165,10 @@ class LayerwiseOptimizer:
             g = optimizer.layout_of(p).norm_group
             if g is not None:
                 self._norm_groups.setdefault(id(g), g)
+        self.bucket_numel = bucket_mb * 2**20 // 4
+        self._bucket: list = []                              # replicated weights: to average
+        self._bucket_numel = 0
+        self._inflight: list = []                            # (work, buffer, bucket, world) launched
         self._acc: dict[torch.Tensor, torch.Tensor] = {}     # GaLore low-rank accumulators
         self._ready: list[tuple[Entry, Item]] = []           # deferred: to update at step()
         self._sq: dict[int, torch.Tensor] = {}               # this window's squared norms by group (0: local)
@@ -188,10 +197,12 @@ class LayerwiseOptimizer:
         with torch.no_grad():
             # Parameters whose gradient arrived earlier in the window but not in its last
             # micro-batch (unused in that forward) are finished here.
+            self._drain()
             finished = {id(e.param) for e, _ in self._ready}
             for p in self._params:
                 if id(p) not in finished and (p in self._acc or p.grad is not None):
                     self._finish(self._entry(p), defer=True)
+            self._drain()
             self.grad_norm = self._window_norm()
             finite = math.isfinite(self.grad_norm)
             if self.deferred and not finite:
@@ -244,6 +255,7 @@ class LayerwiseOptimizer:
     def zero_grad(self) -> None:
         """Drop a partial window (accumulators and partial gradients)."""
         self._acc.clear()
+        self._bucket, self._bucket_numel, self._inflight = [], 0, []
         self._ready = []
         self._undo = {}
         self._sq = {}
@@ -354,9 +366,55 @@ class LayerwiseOptimizer:
                 low = g if low is None else low.add_(g.to(low.dtype))
             else:
                 low = e.g_local
-        if e.galore and low.dtype != torch.float32:
-            low = low.float()
-        item = opt.complete([e], [low])[0]
+        if e.galore:
+            low = low.float() if low.dtype != torch.float32 else low
+            p.grad = None  # the full gradient is not needed once projected
+        if e.layout.reduce_group is not None and e.layout.group is None:
+            self._queue(e, low, defer)  # replicated weights: averaged in asynchronous buckets
+            return
+        self._use(e, opt.complete([e], [low])[0], defer)
+
+    def _queue(self, e: Entry, low: torch.Tensor, defer: bool) -> None:
+        """Average `low` over the reduce group in a bucket launched asynchronously once it holds
+        `bucket_numel` elements, so the all-reduce overlaps the rest of backward (DDP's way).
+        Finished buckets are put to use as later hooks find them done."""
+        self._bucket.append((e, low, defer))
+        self._bucket_numel += low.numel()
+        if self._bucket_numel >= self.bucket_numel:
+            self._launch()
+        while self._inflight and self._inflight[0][0].is_completed():
+            self._settle(self._inflight.pop(0))
+
+    def _launch(self) -> None:
+        if not self._bucket:
+            return
+        group = self._bucket[0][0].layout.reduce_group
+        packed = torch.cat([low.reshape(-1).float() for _, low, _ in self._bucket])
+        COMM.record("layerwise_bucket", packed.numel() * packed.element_size())
+        work = dist.all_reduce(packed, group=group, async_op=True)
+        self._inflight.append((work, packed, self._bucket, group_rank_size(group)[1]))
+        self._bucket, self._bucket_numel = [], 0
+
+    def _settle(self, launched) -> None:
+        work, packed, bucket, world = launched
+        work.wait()
+        packed.div_(world)
+        offset = 0
+        for e, low, defer in bucket:
+            avg = packed[offset:offset + low.numel()].reshape(low.shape)
+            offset += low.numel()
+            e.averaged = True
+            self._use(e, self.optimizer.complete([e], [avg if e.galore else avg.to(low.dtype)])[0], defer)
+
+    def _drain(self) -> None:
+        """Every queued average launched and put to use (the end of a window)."""
+        self._launch()
+        while self._inflight:
+            self._settle(self._inflight.pop(0))
+
+    def _use(self, e: Entry, item: Item, defer: bool) -> None:
+        """Count a finished parameter's norm, then update it now or stage it for step()."""
+        opt = self.optimizer
         sq = self._add_sq(item)
         if defer:
             self._ready.append((e, item))

@@ -151,6 +151,7 @@ class GaLoreOptimizer(Optimizer):
         self.overflow = False                 # the last step was dropped (DeepSpeed reads this)
         self.zero: ZeroBinding | None = None  # set by galore_ds.integrations.deepspeed
         self.replica_group: Any = None        # ZeRO-0 / DDP: whole tensors, identical on these ranks
+        self.lowrank = None                   # a DDP comm hook's LowRankReduction (layouts/replicated.py)
         self._layouts: dict[int, Layout] = {}
         self._index: dict[int, int] = {}
         self._scratch = Scratch()
@@ -166,7 +167,7 @@ class GaLoreOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["galore"] = {"next_clip_coef": self.next_clip_coef, "skipped_steps": self.skipped_steps}
+        sd["galore"] = {"next_clip_coef": self.next_clip_coef}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -175,7 +176,6 @@ class GaLoreOptimizer(Optimizer):
         (moved to the parameter's device only)."""
         extra = state_dict.get("galore", {})
         self.next_clip_coef = float(extra.get("next_clip_coef", 1.0))
-        self.skipped_steps = int(extra.get("skipped_steps", self.skipped_steps))
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -190,12 +190,35 @@ class GaLoreOptimizer(Optimizer):
         """How this rank holds parameter `p` (cached: placements do not change)."""
         lay = self._layouts.get(id(p))
         if lay is None:
+            reduce_group = self.reduce_group
+            if self.lowrank is not None and id(p) in self.lowrank.galore:
+                reduce_group = self.lowrank.group  # a comm hook leaves these gradients per rank
             if is_dtensor(p):
-                lay = dtensor_layout(p, self.reduce_group)
+                lay = dtensor_layout(p, reduce_group)
             else:
-                lay = plain_layout(p, self.reduce_group, self.replica_group)
+                lay = plain_layout(p, reduce_group, self.replica_group)
             self._layouts[id(p)] = lay
         return lay
+
+    def attach_lowrank_reduction(self, reduction) -> None:
+        """A DDP comm hook averages the projected gradients (layouts/replicated.py)."""
+        self.lowrank = reduction
+        self.forget_layouts()
+
+    def lowrank_for_hook(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """This rank's projected gradient of GaLore matrix `p` for a comm hook to average, or
+        None when its projector refreshes at this step (the refresh needs the gradient)."""
+        state = self.state.get(p)
+        if not state or "proj" not in state:
+            return None
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        if refresh_due(state, group):
+            return None
+        proj = state["proj"]
+        grad = grad.view(p.shape)
+        if grad.dtype != proj.dtype:
+            proj = proj.to(grad.dtype)
+        return pj.project(grad, proj, "right" if state["proj_right"] else "left").float()
 
     def forget_layouts(self) -> None:
         """Read every parameter's layout again at the next step (after a framework replaced or
@@ -420,7 +443,18 @@ class GaLoreOptimizer(Optimizer):
 
     def project(self, entries: list[Entry], reuse_buffers: bool = False) -> list[torch.Tensor]:
         """The gradient each entry's rule consumes, before completion. fp32 GaLore matrices are
-        projected straight into a reused buffer when `reuse_buffers` (same matmul)."""
+        projected straight into a reused buffer when `reuse_buffers` (same matmul); one a comm
+        hook already projected and averaged is taken as it is."""
+        if self.lowrank is not None and self.lowrank.reduced:
+            # (the step it was projected for, R): an R from a step that never ran is dropped
+            done = {id(e.key): r for e in entries if id(e.key) in self.lowrank.reduced
+                    for step, r in [self.lowrank.reduced.pop(id(e.key))] if step == e.state["step"]}
+            if done:
+                rest = [e for e in entries if id(e.key) not in done]
+                lows = dict(zip(map(id, rest), self.project(rest, reuse_buffers)))
+                for e in entries:
+                    e.averaged = id(e.key) in done
+                return [done[id(e.key)] if e.averaged else lows[id(e)] for e in entries]
         views = None
         galore = [e for e in entries if e.galore]
         if reuse_buffers and galore and all(e.g_local.dtype == torch.float32 and e.state["proj"].dtype == torch.float32
@@ -462,7 +496,7 @@ class GaLoreOptimizer(Optimizer):
                 else:
                     self._fill_split_rows(entries[j], lows[j], total)
         avgs = [(j, (low, e.layout.reduce_group)) for j, (e, low) in enumerate(zip(entries, lows))
-                if e.layout.reduce_group is not None]
+                if e.layout.reduce_group is not None and not e.averaged]
         if avgs:
             done = all_reduce_packed([r for _, r in avgs], op="avg", name="reduce_group")
             for (j, _), total in zip(avgs, done):

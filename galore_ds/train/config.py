@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 BUILTIN_SOURCE = "python-stdlib"   # the embedded default corpus (no download)
 HF_PREFIX = "hf:"                  # data.source "hf:<dataset name>" streams a Hugging Face dataset
-ENGINE_MODES = ("auto", "single", "layerwise", "deepspeed", "fsdp")
-MULTI_RANK_ENGINES = ("deepspeed", "fsdp", "layerwise")
+ENGINE_MODES = ("auto", "single", "layerwise", "deepspeed", "fsdp", "ddp")
+MULTI_RANK_ENGINES = ("deepspeed", "fsdp", "ddp", "layerwise")
 OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -129,11 +129,18 @@ class FSDPConfig:
 
 
 @dataclass
+class DDPConfig:
+    layerwise: bool = False           # per-layer updates inside backward (the 24 GB mode on every rank)
+    bucket_mb: float = 25.0           # projected gradients are averaged in buckets of this size
+
+
+@dataclass
 class EngineConfig:
-    mode: str = "auto"                # auto | single | layerwise | deepspeed | fsdp
+    mode: str = "auto"                # auto | single | layerwise | deepspeed | fsdp | ddp
     multi_rank: str = "deepspeed"     # what auto uses with several ranks
     deepspeed: dict = field(default_factory=dict)   # passed to deepspeed.initialize(config=...)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
 
 
 @dataclass
@@ -498,6 +505,11 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     if mode == "fsdp" and dist.world_size % e.fsdp.replicate:
         raise ConfigError("engine.fsdp.replicate", f"{e.fsdp.replicate} does not divide the {dist.world_size} ranks",
                           "use a divisor of the world size (HSDP replicas x shards = ranks)")
+    if mode == "ddp" and t.optimizer == "adamw":
+        raise ConfigError("engine.mode", "ddp averages GaLore's projected gradients; training.optimizer=adamw has none",
+                          "use a galore_* optimizer (galore.enabled=false gives their full-rank rule), or "
+                          "engine.mode=fsdp/deepspeed for the AdamW baseline")
+    _positive("engine.ddp.bucket_mb", e.ddp.bucket_mb)
     if e.fsdp.layerwise and t.optimizer == "adamw":
         raise ConfigError("engine.fsdp.layerwise", "training.optimizer=adamw has no per-layer mode",
                           "use galore_adamw or galore_adamw8bit (galore.enabled=false gives their full-rank rule)")
@@ -522,4 +534,4 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None,
 
 __all__ = ["Config", "ConfigError", "DistEnv", "dist_env", "from_dict", "apply_overrides", "load_json",
            "load_config", "validate", "ModelConfig", "DataConfig", "TrainingConfig", "GaloreConfig",
-           "EngineConfig", "FSDPConfig", "CheckpointConfig", "LoggingConfig"]
+           "EngineConfig", "FSDPConfig", "DDPConfig", "CheckpointConfig", "LoggingConfig"]

@@ -47,6 +47,7 @@ ENGINES: dict[str, str] = {
     "layerwise": "galore_ds.train.engines.layerwise:LayerwiseEngine",
     "deepspeed": "galore_ds.train.engines.deepspeed:DeepSpeedEngine",
     "fsdp": "galore_ds.train.engines.fsdp:FSDPEngine",
+    "ddp": "galore_ds.train.engines.ddp:DDPEngine",
 }
 TIMEOUT = timedelta(minutes=30)
 

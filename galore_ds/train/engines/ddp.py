@@ -1,0 +1,119 @@
+"""The replicated-weights engine (engine.mode = "ddp"): every rank holds the whole model (the
+24 GB per-layer setup on each GPU) and only low-rank gradients cross the network.
+
+    torchrun --nnodes 1:4 --nproc_per_node 1 --max-restarts 3 launch/train.py --config c.json \\
+        --set engine.mode=ddp --set engine.ddp.layerwise=true
+
+- Per-layer (engine.ddp.layerwise): no DDP wrapper. Each parameter's backward hook projects
+  its gradient (GaLore matrices), frees the full one, and the projected gradients (and the
+  full gradients of embeddings, lm_head and norms) are averaged in asynchronous buckets
+  while backward goes on (galore_ds.LayerwiseOptimizer over an optimizer built with
+  reduce_group); then each update runs. Accumulation keeps projected sums locally and
+  averages once per step.
+- Step time: torch's DistributedDataParallel with galore_ds's communication hook
+  (layouts/replicated.py): DDP's buckets carry R of every GaLore matrix instead of G.
+- Refresh: galore.refresh=randomized is a subspace iteration whose Gram products are two
+  low-rank all-reduces per round (cold: first_power_iters rounds from a seeded start, then
+  warm); svd sends each matrix's summed gradient to one owner rank (one reduce_scatter) and
+  shares the basis. galore.stagger spreads the refreshes over the window.
+- Clipping and NaN: the norm of the averaged projected gradients plus the other averaged
+  gradients, the same on every rank with no extra collective; a NaN/Inf skips the step
+  everywhere.
+- Checkpoints hold whole tensors (every rank has all of them): rank 0 writes, any world size
+  reads. Under torchrun --nnodes MIN:MAX a rank leaving or joining restarts every rank, and
+  --resume continues from the latest checkpoint on the new world size with the recipe's
+  global batch (accumulation re-derived).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
+from galore_ds.train.engines.base import Engine, StepResult
+from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step
+from galore_ds.train.model import materialize
+from galore_ds.train.optim import build_optimizer, build_param_groups, warmup_cosine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+    wants_meta_model = True
+
+    def setup(self, model: nn.Module) -> None:
+        self.init_process_group()
+        if any(p.is_meta for p in model.parameters()):
+            materialize(model, self.device, self.cfg.model.init_std, self.cfg.training.seed)
+        self._module = model.to(self.device)
+        self._module.train()
+        group = dist.group.WORLD if self.world_size > 1 else None
+        per_layer = self.cfg.engine.ddp.layerwise
+        layout = {"reduce_group": group} if per_layer and group is not None else {}
+        self.optimizer = build_optimizer(build_param_groups(self._module, self.cfg), self.cfg, **layout)
+        self.scheduler = warmup_cosine(self.optimizer, self.cfg)
+        self.layerwise = None
+        self._ddp = None
+        if per_layer:
+            self.layerwise = layerwise_for(self, self.optimizer, self.scheduler)
+            self.layerwise.bucket_numel = int(self.cfg.engine.ddp.bucket_mb * 2**20 // 4)
+        elif group is not None:
+            self._ddp = nn.parallel.DistributedDataParallel(
+                self._module, bucket_cap_mb=self.cfg.engine.ddp.bucket_mb)
+            self._ddp.register_comm_hook(LowRankHookState(self.optimizer), lowrank_comm_hook)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._module
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        module = self._ddp if self._ddp is not None and self._module.training else self._module
+        return module(**self.to_device(batch)).loss
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        n = len(micro_batches)
+        if self.layerwise is not None:
+            total, result = layerwise_step(self, self.layerwise, micro_batches)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for i, mb in enumerate(micro_batches):
+                sync = self._ddp is None or i == n - 1
+                with self._ddp.no_sync() if not sync else contextlib.nullcontext():
+                    loss = self.forward_loss(mb)
+                    (loss / n).backward()
+                total += float(loss.detach())
+            lr = self.optimizer.param_groups[0]["lr"]
+            result = StepResult(loss=0.0, grad_norm=self.optimizer_step(), lr=lr)
+        result.loss = self.mean_over_ranks(total, n)
+        result.extra["skipped_steps"] = self.skipped_steps
+        return result
+
+    def save(self, directory: Path) -> None:
+        """Whole tensors, identical on every rank: rank 0 writes them."""
+        if not self.is_main:
+            return
+        state = {"model": self._module.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "skipped_steps": self.skipped_steps}
+        if self.layerwise is not None:
+            state["layerwise"] = self.layerwise.state_dict()
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, Path(directory) / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
+        self._module.load_state_dict(sd["model"])
+        if self.layerwise is not None:
+            self.layerwise.load_state_dict(sd["layerwise"])
+            self.skipped_steps = self.layerwise.skipped_steps
+        else:
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+            self.skipped_steps = int(sd.get("skipped_steps", 0))
+
+
+__all__ = ["DDPEngine"]

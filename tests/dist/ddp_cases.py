@@ -1,0 +1,143 @@
+"""Replicated weights that send low-rank gradients, against one process and against DDP.
+
+Run by tests/test_ddp.py (env RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, like torchrun).
+- per-layer: galore_ds.LayerwiseOptimizer over an optimizer built with reduce_group (no DDP
+  wrapper; projected gradients averaged in asynchronous buckets inside backward) equals the
+  one-process per-layer run on the global batch: accumulation, clipping, exact (owner) and
+  randomized (two-all-reduce subspace iteration, cold start included) refreshes, NaN on one rank;
+- the comm hook in a user's plain DistributedDataParallel loop equals the same loop without
+  it (GaLore optimizer in both), with no_sync accumulation and clipping;
+- what travels: between refreshes only projected gradients (m x r or r x n) and the other
+  parameters' full gradients, counted exactly.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from harness import EIGHT_BIT_TOL, TOL, check, data, loss_fn, make_model, make_optimizer, rel_diff, run_worker  # noqa: E402
+
+import galore_ds  # noqa: E402
+from galore_ds.layouts.comm import COMM  # noqa: E402
+from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook  # noqa: E402
+
+STEPS, GAP, CLIP = 7, 2, 0.05
+
+
+def per_layer(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | None = None,
+              refresh: str = "svd", timing: str = "exact", poison: int | None = None) -> dict:
+    rank = dist.get_rank()
+    ref = make_model()
+    model = copy.deepcopy(ref)
+    lw = galore_ds.LayerwiseOptimizer(
+        make_optimizer(opt, model, update_proj_gap=GAP, refresh=refresh, reduce_group=dist.group.WORLD),
+        accumulation_steps=accum, max_grad_norm=clip, clip_timing=timing, bucket_mb=0.0005)
+    ref_lw = galore_ds.LayerwiseOptimizer(make_optimizer(opt, ref, update_proj_gap=GAP, refresh=refresh),
+                                          accumulation_steps=accum, max_grad_norm=clip, clip_timing=timing)
+    norms, bytes_between = [], []
+    for s in range(STEPS):
+        COMM.reset()
+        for micro in range(accum):
+            x, y = data(s, micro, 2 * world)
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            if s == poison and rank == world - 1 and micro == accum - 1:
+                xs = xs * float("nan")
+            rx = x * float("nan") if s == poison and micro == accum - 1 else x
+            (loss_fn(ref, rx, y) / accum).backward()
+            ref_lw.step()
+            (loss_fn(model, xs, ys) / accum).backward()
+            lw.step()
+        if s % GAP and poison is None:  # (a skipped step shifts every later refresh by one)
+            bytes_between.append(dict(COMM.bytes))
+        norms.append((lw.grad_norm, ref_lw.grad_norm))
+        assert all(p.grad is None for p in model.parameters()), "gradients not freed"
+    diff = rel_diff(model, ref)
+    check(diff, EIGHT_BIT_TOL if opt == "adamw8bit" else TOL)
+    finite = [(a, b) for a, b in norms if b == b and abs(b) != float("inf")]
+    norm_diff = max(abs(a - b) / b for a, b in finite)
+    check(norm_diff, EIGHT_BIT_TOL if opt == "adamw8bit" else TOL, "grad norm")
+    if poison is not None:
+        assert lw.skipped_steps == ref_lw.skipped_steps == 1 or (
+            lw.nonfinite_params_skipped == ref_lw.nonfinite_params_skipped > 0), (lw.skipped_steps, lw.nonfinite_params_skipped)
+    # between refreshes: projected gradients and the other parameters' gradients, nothing else
+    expected = 4 * (sum(_lowrank_numel(p, g) for g in lw.optimizer.param_groups if "rank" in g for p in g["params"])
+                    + sum(p.numel() for g in lw.optimizer.param_groups if "rank" not in g for p in g["params"]))
+    for b in bytes_between:
+        assert b.get("layerwise_bucket") == expected and set(b) <= {"layerwise_bucket"}, (b, expected)
+    return {"rel_diff": diff, "norm_rel_diff": norm_diff, "bytes_between": bytes_between[:1], "expected": expected}
+
+
+def _lowrank_numel(p: torch.Tensor, group: dict) -> int:
+    m, n = p.shape
+    r = group["rank"]
+    from galore_ds.core.projector import choose_side
+
+    return m * r if choose_side((m, n), group["proj_type"]) == "right" else r * n
+
+
+def comm_hook(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | None = None,
+              refresh: str = "svd") -> dict:
+    """A user's DDP loop with the hook vs the same loop without it: equal."""
+    rank = dist.get_rank()
+    base = make_model()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ddp_a = nn.parallel.DistributedDataParallel(a)
+    ddp_b = nn.parallel.DistributedDataParallel(b)
+    opt_a = make_optimizer(opt, a, update_proj_gap=GAP, refresh=refresh, max_grad_norm=clip)
+    opt_b = make_optimizer(opt, b, update_proj_gap=GAP, refresh=refresh, max_grad_norm=clip)
+    ddp_b.register_comm_hook(LowRankHookState(opt_b), lowrank_comm_hook)
+    sent = []
+    for s in range(STEPS):
+        for o in (opt_a, opt_b):
+            o.zero_grad(set_to_none=True)
+        COMM.reset()
+        for micro in range(accum):
+            x, y = data(s, micro, 2 * world)
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            for ddp in (ddp_a, ddp_b):
+                ctx = ddp.no_sync() if micro < accum - 1 else _null()
+                with ctx:
+                    (loss_fn(ddp, xs, ys) / accum).backward()
+        opt_a.step()
+        opt_b.step()
+        sent.append(dict(COMM.bytes))
+        assert abs(opt_a.grad_norm - opt_b.grad_norm) <= 1e-5 * opt_a.grad_norm, (opt_a.grad_norm, opt_b.grad_norm)
+    diff = rel_diff(b, a)
+    check(diff, EIGHT_BIT_TOL if opt == "adamw8bit" else TOL)
+    full = sum(p.numel() for p in b.parameters()) * 4
+    between = [x.get("lowrank_comm_hook", 0) for s, x in enumerate(sent) if s % GAP]
+    assert all(0 < v < full for v in between), (between, full)  # less than DDP's full gradient
+    return {"rel_diff": diff, "hook_bytes_between": between[:1], "ddp_full_bytes": full}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+CASES = {
+    "per_layer_k1_owner_svd": lambda w: per_layer(w),
+    "per_layer_k2_clip_owner_svd": lambda w: per_layer(w, accum=2, clip=CLIP),
+    "per_layer_k1_clip_delayed_randomized": lambda w: per_layer(w, clip=CLIP, timing="delayed", refresh="randomized"),
+    "per_layer_k2_randomized_adafactor": lambda w: per_layer(w, opt="adafactor", accum=2, refresh="randomized"),
+    "per_layer_adamw8bit_k1_clip": lambda w: per_layer(w, opt="adamw8bit", clip=CLIP),
+    "per_layer_nan_on_one_rank_k2_clip": lambda w: per_layer(w, accum=2, clip=CLIP, poison=3),
+    "comm_hook_equals_plain_ddp": lambda w: comm_hook(w),
+    "comm_hook_accumulation_and_clipping": lambda w: comm_hook(w, accum=2, clip=CLIP),
+    "comm_hook_randomized_adafactor": lambda w: comm_hook(w, opt="adafactor", refresh="randomized"),
+}
+
+
+if __name__ == "__main__":
+    run_worker(CASES)
