@@ -20,7 +20,7 @@ WORKER = ROOT / "tests" / "dist" / "recipe_worker.py"
 BIN = Path(sys.executable).parent
 
 ENGINES = ["single", "layerwise", "fsdp", "fsdp_layerwise", "hsdp", "deepspeed0", "deepspeed1", "deepspeed2",
-           "deepspeed3"]
+           "deepspeed3", "ddp", "ddp_layerwise"]
 FACTORS: dict[str, list[Any]] = dict(
     engine=ENGINES,
     optimizer=["galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw"],
@@ -49,8 +49,10 @@ def recipe(case: dict, root: Path, cache: Path, world: int | None = None) -> dic
     """The recipe a case means (`world`: the launch it is for, when resumed elsewhere)."""
     world = world or case["world"]
     e = case["engine"]
-    engine: dict[str, Any] = {"mode": {"single": "single", "layerwise": "layerwise"}.get(e, "deepspeed" if
-                                                                                       e.startswith("deepspeed") else "fsdp")}
+    mode = "deepspeed" if e.startswith("deepspeed") else e.split("_")[0] if e != "hsdp" else "fsdp"
+    engine: dict[str, Any] = {"mode": mode}
+    if e == "ddp_layerwise":
+        engine["ddp"] = {"layerwise": True}
     if e == "fsdp_layerwise":
         engine["fsdp"] = {"layerwise": True}
     if e == "hsdp":

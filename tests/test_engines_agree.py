@@ -29,6 +29,10 @@ ENGINES = {
              ["engine.mode=fsdp", "engine.fsdp.replicate=2", "training.micro_batch=4"]),
     "deepspeed_zero2": ([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "{port}"],
                         ["engine.mode=deepspeed", 'engine.deepspeed={"zero_optimization":{"stage":2}}']),
+    "ddp": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+            ["engine.mode=ddp"]),
+    "ddp_layerwise": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                      ["engine.mode=ddp", "engine.ddp.layerwise=true"]),
 }
 
 

@@ -128,41 +128,52 @@ class CommCounter:
 #: process-wide counter the helpers write to
 COMM = CommCounter()
 
-# torch.distributed entry points counted by `count_collectives` (the ones present are wrapped)
-_COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
-    "all_to_all_single", "all_gather_single", "reduce_scatter_single", "broadcast",
-    "broadcast_object_list", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "_all_gather_base", "_reduce_scatter_base",
-)
+# torch.distributed entry points counted by `count_collectives` (the ones present are wrapped),
+# with the position of the tensor (or list of tensors) this rank hands over to be sent.
+_COLLECTIVES = {
+    "all_reduce": 0, "reduce": 0, "broadcast": 0, "send": 0, "isend": 0, "all_gather": 1,
+    "all_gather_into_tensor": 1, "_all_gather_base": 1, "all_gather_single": 1, "reduce_scatter": 1,
+    "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter_single": 1,
+    "all_to_all": 1, "all_to_all_single": 1, "gather": 0, "scatter": 1, "all_gather_object": 1,
+    "broadcast_object_list": 0, "recv": None, "irecv": None, "barrier": None, "batch_isend_irecv": None,
+}
+_PAYLOAD_NAMES = ("tensor", "input_tensor", "input", "input_tensor_list", "tensor_list", "object_list", "obj")
+
+
+def _payload_bytes(position: int | None, args: tuple, kwargs: dict) -> int:
+    """Bytes of the tensor(s) a collective call hands over to be sent (objects: 0)."""
+    if position is None:
+        return 0
+    value = args[position] if position < len(args) else next(
+        (kwargs[k] for k in _PAYLOAD_NAMES if k in kwargs), None)
+    tensors = value if isinstance(value, (list, tuple)) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CommCounter]:
-    """Count every torch.distributed collective called (by anyone) inside the body.
+    """Count every torch.distributed collective called (by anyone) inside the body, with the
+    bytes of the tensors handed to it to send (the payload, once: a ring all-reduce moves
+    about 2(W-1)/W of it per rank).
 
-    Wraps the module-level functions of torch.distributed, so it sees calls made through
-    `dist.X` / `torch.distributed.X`. Not thread-safe; for tests and benchmarks. For
-    DTensor-implicit collectives use torch.distributed.tensor.debug.CommDebugMode as well.
+    torch.distributed offers no hook on its collectives, so this is the one place galore_ds
+    wraps someone else's functions: the module-level functions of torch.distributed, for the
+    duration of the body, seeing calls made through `dist.X` / `torch.distributed.X` (ours,
+    FSDP2's, DeepSpeed's torch backend, a DDP comm hook's; DDP's own C++ reducer is not
+    seen). Not thread-safe. For DTensor-implicit collectives use CommDebugMode as well.
     """
     counter = CommCounter()
     saved = {}
-    for name in _COLLECTIVES:
+    for name, position in _COLLECTIVES.items():
         fn = getattr(dist, name, None)
         if fn is None:
             continue
         saved[name] = fn
 
-        def wrap(fn=fn, name=name):
+        def wrap(fn=fn, name=name, position=position):
             @functools.wraps(fn)
             def counted(*args, **kwargs):
-                nbytes = 0
-                for a in list(args) + list(kwargs.values()):
-                    if isinstance(a, torch.Tensor):
-                        nbytes += a.numel() * a.element_size()
-                        break
-                counter.record(name, nbytes)
+                counter.record(name, _payload_bytes(position, args, kwargs))
                 return fn(*args, **kwargs)
             return counted
 
@@ -327,7 +338,7 @@ def reduce_to_owners(
     rank, world = group_rank_size(group)
     if world == 1 or not tensors:
         return [t.float() for t in tensors] if world == 1 else []
-    dtype = torch.float32
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device
     by_rank = [[j for j in range(len(tensors)) if owners[j] == r] for r in range(world)]
     width = max(sum(tensors[j].numel() for j in js) for js in by_rank)
@@ -360,19 +371,20 @@ def all_reduce_packed(
     """Sum (or average, op="avg") each tensor over the ranks of its group: ONE all_reduce per
     distinct group, in the order the groups first appear (the same on every rank, since every
     rank passes the same request list). Tensors with group None come back as they are.
-    Results are fp32, shaped like the requests."""
+    Results are fp32 (fp64 where a request is), shaped like the requests."""
     out: list[torch.Tensor | None] = [None] * len(requests)
     by_group: dict[int, list[int]] = {}
     groups: dict[int, dist.ProcessGroup] = {}
     for i, (t, g) in enumerate(requests):
         if g is None or group_rank_size(g)[1] == 1:
-            out[i] = t.float()
+            out[i] = t if t.dtype == torch.float64 else t.float()
             continue
         by_group.setdefault(id(g), []).append(i)
         groups[id(g)] = g
     for key, idx in by_group.items():
         g = groups[key]
-        flat = torch.cat([requests[i][0].reshape(-1).float() for i in idx])
+        wide = any(requests[i][0].dtype == torch.float64 for i in idx)
+        flat = torch.cat([requests[i][0].reshape(-1).to(torch.float64 if wide else torch.float32) for i in idx])
         dist.all_reduce(flat, group=g)
         if counter is not None:
             counter.record(name, flat.numel() * flat.element_size())

@@ -10,7 +10,7 @@ lm_head, norms) are stepped the same way with the optimizer's full-rank rule.
     opt = GaLoreAdamW8bit(param_groups(model, rank=1024), lr=5e-3)
     lw = LayerwiseOptimizer(opt, accumulation_steps=4, max_grad_norm=1.0, lr_scheduler=sched)
     for batch in loader:
-        (model(**batch).loss / lw.accumulation_steps).backward()
+        (model(**batch).loss / lw.loss_divisor).backward()
         if lw.step(): log(lw.grad_norm)          # True once per optimizer step
 
 Gradient accumulation (exact)
@@ -101,13 +101,17 @@ class LayerwiseOptimizer:
 
     Args:
         optimizer: a GaLoreOptimizer (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor).
-        accumulation_steps: micro-batches per optimizer step (k >= 1). Scale each
-            micro-batch loss by 1/k (as without per-layer mode).
+        accumulation_steps: micro-batches per optimizer step (k >= 1). Divide each
+            micro-batch loss by `loss_divisor` (k; 1 with accum_dtype=float64).
         max_grad_norm: clip threshold (None: no clipping).
         clip_timing: "exact" (this step's norm: updates wait for the end of backward) |
             "delayed" (k == 1: the previous step's norm, updates inside the hooks).
         lr_scheduler: stepped once per optimizer step.
-        accum_dtype: dtype of the low-rank accumulators (fp32 default: exact).
+        accum_dtype: dtype of the accumulators (fp32 default: exact to rounding). float64 sums
+            every micro-batch's gradient (the loss not divided by k), full ones included, and
+            averages across ranks, in fp64, dividing by k and the world size at the end: a
+            step's result then does not depend on how its micro-batches are spread over
+            ranks, and a run resumed on another world size follows the same numbers.
         bucket_mb: replicated weights whose gradients are per-rank contributions (optimizer
             built with reduce_group): what is averaged travels in asynchronous buckets of this
             size, launched as backward goes on.
@@ -131,6 +135,8 @@ class LayerwiseOptimizer:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be > 0 or None")
         if clip_timing not in CLIP_TIMINGS:
             raise ValueError(f"clip_timing={clip_timing!r}: expected one of {CLIP_TIMINGS}")
+        if accum_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accum_dtype={accum_dtype}: expected torch.float32 or torch.float64")
         if optimizer.zero is not None:
             raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
         self.optimizer = optimizer
@@ -185,6 +191,12 @@ class LayerwiseOptimizer:
         """Exact clipping needs the step's norm before any update, so updates wait for step();
         accumulation keeps low-rank accumulators anyway. Otherwise updates run in the hooks."""
         return (self.max_grad_norm is not None and self.clip_timing == "exact") or self.accumulation_steps > 1
+
+    @property
+    def loss_divisor(self) -> int:
+        """What to divide each micro-batch's loss by before backward: k, or 1 with
+        accum_dtype=float64 (the wrapper divides the fp64 sum)."""
+        return 1 if self.accum_dtype == torch.float64 else self.accumulation_steps
 
     # ------------------------------------------------------------------ public API
     def step(self) -> bool:
@@ -351,28 +363,63 @@ class LayerwiseOptimizer:
             else:
                 self._acc[p] = low  # a fresh tensor (a matmul result)
             p.grad = None
-        # else: refreshing GaLore matrix or full-rank parameter: autograd accumulates p.grad.
+        elif self.accum_dtype == torch.float64:
+            # a refreshing matrix or a full-rank parameter, accumulated in fp64 rather than by
+            # autograd (the sum no longer depends on how micro-batches are grouped)
+            if p in self._acc:
+                self._acc[p].add_(p.grad.to(torch.float64))
+            else:
+                self._acc[p] = p.grad.to(torch.float64)
+            p.grad = None
+        # else: autograd accumulates p.grad.
 
     def _finish(self, e: Entry, defer: bool) -> None:
         """End of the window for one parameter: refresh if due, project, complete (the
         layout's collectives), count, then update or stage."""
         opt, p = self.optimizer, e.param
         low = self._acc.pop(p, None)
-        if e.g_local is not None:
-            if e.galore:
-                if refresh_due(e.state, e.group):
-                    opt.refresh([e], self._undo)
-                g = opt.project_one(e)
+        queued = e.layout.reduce_group is not None and e.layout.group is None
+        if self.accum_dtype == torch.float64:
+            low = self._finish_wide(e, low)
+            if not queued and self.accumulation_steps > 1:
+                low.div_(self.accumulation_steps)
+        else:
+            if e.galore and refresh_due(e.state, e.group):
+                opt.refresh([e], self._undo)
+            if e.g_local is not None:
+                g = opt.project_one(e) if e.galore else e.g_local
                 low = g if low is None else low.add_(g.to(low.dtype))
-            else:
-                low = e.g_local
         if e.galore:
-            low = low.float() if low.dtype != torch.float32 else low
             p.grad = None  # the full gradient is not needed once projected
-        if e.layout.reduce_group is not None and e.layout.group is None:
+        if queued:
             self._queue(e, low, defer)  # replicated weights: averaged in asynchronous buckets
             return
-        self._use(e, opt.complete([e], [low])[0], defer)
+        self._use(e, opt.complete([e], [self._rule_dtype(e, low)])[0], defer)
+
+    def _finish_wide(self, e: Entry, acc: torch.Tensor | None) -> torch.Tensor:
+        """_finish's gradient with accum_dtype=float64: the SUM over the window of every
+        micro-batch's gradient (the loss not divided by k), in fp64, divided once at the end
+        (by k here, by k x world after the average over ranks). fp32 values add exactly in
+        fp64, so the result does not depend on how micro-batches are spread over ranks; only
+        a refresh step's fp64 products round (1e-16). A refreshing matrix's refresh sees the
+        rank's mean gradient (the sum / k: its average over ranks is the global mean)."""
+        opt, k = self.optimizer, self.accumulation_steps
+        last = None if e.g_local is None else e.g_local.to(torch.float64)
+        if e.galore and refresh_due(e.state, e.group):
+            full = last if acc is None else (acc if last is None else acc.add_(last))
+            e.g_local = full if k == 1 else full / k
+            opt.refresh([e], self._undo)
+            e.g_local = full
+            return opt.project_one(e)  # fp64 (of an fp64 gradient)
+        if last is not None:
+            last = opt.project_one(e).to(torch.float64) if e.galore else last
+            acc = last if acc is None else acc.add_(last)
+        return acc
+
+    def _rule_dtype(self, e: Entry, low: torch.Tensor) -> torch.Tensor:
+        """What the rule consumes: projected gradients in fp32, full ones in the parameter's dtype."""
+        target = torch.float32 if e.galore else local_tensor(e.param).dtype
+        return low if low.dtype == target else low.to(target)
 
     def _queue(self, e: Entry, low: torch.Tensor, defer: bool) -> None:
         """Average `low` over the reduce group in a bucket launched asynchronously once it holds
@@ -389,7 +436,8 @@ class LayerwiseOptimizer:
         if not self._bucket:
             return
         group = self._bucket[0][0].layout.reduce_group
-        packed = torch.cat([low.reshape(-1).float() for _, low, _ in self._bucket])
+        dtype = torch.float64 if any(low.dtype == torch.float64 for _, low, _ in self._bucket) else torch.float32
+        packed = torch.cat([low.reshape(-1).to(dtype) for _, low, _ in self._bucket])
         COMM.record("layerwise_bucket", packed.numel() * packed.element_size())
         work = dist.all_reduce(packed, group=group, async_op=True)
         self._inflight.append((work, packed, self._bucket, group_rank_size(group)[1]))
@@ -398,13 +446,14 @@ class LayerwiseOptimizer:
     def _settle(self, launched) -> None:
         work, packed, bucket, world = launched
         work.wait()
-        packed.div_(world)
+        # fp64 windows queue sums (see _finish_wide): divided once by every micro-batch counted
+        packed.div_(world * (self.accumulation_steps if packed.dtype == torch.float64 else 1))
         offset = 0
         for e, low, defer in bucket:
             avg = packed[offset:offset + low.numel()].reshape(low.shape)
             offset += low.numel()
             e.averaged = True
-            self._use(e, self.optimizer.complete([e], [avg if e.galore else avg.to(low.dtype)])[0], defer)
+            self._use(e, self.optimizer.complete([e], [self._rule_dtype(e, avg)])[0], defer)
 
     def _drain(self) -> None:
         """Every queued average launched and put to use (the end of a window)."""

@@ -434,12 +434,14 @@ class GaLoreOptimizer(Optimizer):
         return proj if lay.rows == (0, lay.shape[0]) else proj[lay.rows[0]:lay.rows[1]]
 
     def project_one(self, e: Entry, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's (possibly partial) projected gradient of a GaLore matrix, fp32."""
+        """This rank's (possibly partial) projected gradient of a GaLore matrix: fp32, or fp64
+        for a gradient accumulated in fp64 (LayerwiseOptimizer's accum_dtype)."""
         proj = self.proj_block(e)
         grad = e.g_local
         if grad.dtype != proj.dtype:
             proj = proj.to(grad.dtype)
-        return pj.project(grad, proj, e.side, out=out).float()
+        low = pj.project(grad, proj, e.side, out=out)
+        return low if low.dtype in (torch.float32, torch.float64) else low.float()
 
     def project(self, entries: list[Entry], reuse_buffers: bool = False) -> list[torch.Tensor]:
         """The gradient each entry's rule consumes, before completion. fp32 GaLore matrices are
@@ -462,7 +464,7 @@ class GaLoreOptimizer(Optimizer):
             views = self._scratch.views("lowrank", [self.low_shape(e) for e in galore],
                                         galore[0].g_local.device, torch.float32)
         slots = iter(views) if views is not None else None
-        return [self.project_one(e, next(slots) if slots is not None else None) if e.galore else e.g_local
+        return [self.project_one(e, next(slots) if slots is not None else None).float() if e.galore else e.g_local
                 for e in entries]
 
     @staticmethod

@@ -133,7 +133,7 @@ def _owner_from_contributions(entries: list[Entry], group, compute: Compute, ins
     rank, world = group_rank_size(group)
     owners = assign_owners([svd_cost(e.layout.shape) for e in entries], world)
     sums = reduce_to_owners([e.g_local for e in entries], owners, group=group)
-    bases = [compute(e, s.div_(world)) if s is not None else None for e, s in zip(entries, sums)]
+    bases = [compute(e, s.div_(world).float()) if s is not None else None for e, s in zip(entries, sums)]
     shared = share_from_owners(bases, [_basis_dims(e) for e in entries], owners, group=group,
                                device=entries[0].p_local.device)
     for e, b in zip(entries, shared):
@@ -144,7 +144,8 @@ def _subspace(entries: list[Entry], group, contributions: bool, compute: Compute
               prev_basis, program_for) -> None:
     """All due matrices' randomized programs in lockstep, one packed all-reduce per round
     (two for per-rank contributions)."""
-    views = [pj.to_right(e.g_local, e.side).float() for e in entries]
+    views = [pj.to_right(e.g_local, e.side) for e in entries]
+    views = [v if v.dtype == torch.float64 else v.float() for v in views]
     programs: dict[int, Any] = {}
     requests: dict[int, torch.Tensor] = {}
     bases: dict[int, torch.Tensor | None] = {}
@@ -154,13 +155,15 @@ def _subspace(entries: list[Entry], group, contributions: bool, compute: Compute
     while requests:
         live = sorted(requests)
         if contributions:
-            ys = all_reduce_packed([(views[j] @ requests[j], group) for j in live], op="avg", name="subspace_gram")
+            ys = all_reduce_packed([(views[j] @ requests[j].to(views[j].dtype), group) for j in live], op="avg",
+                                   name="subspace_gram")
             zs = all_reduce_packed([(views[j].t() @ y, group) for j, y in zip(live, ys)], op="avg",
                                    name="subspace_gram")
         else:
-            zs = all_reduce_packed([(views[j].t() @ (views[j] @ requests[j]), group) for j in live],
-                                   name="subspace_gram")
+            zs = all_reduce_packed([(views[j].t() @ (views[j] @ requests[j].to(views[j].dtype)), group)
+                                    for j in live], name="subspace_gram")
         for j, z in zip(live, zs):
+            z = z.float()
             try:
                 requests[j] = programs[j].send(z)
             except StopIteration as done:

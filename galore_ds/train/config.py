@@ -132,6 +132,10 @@ class FSDPConfig:
 class DDPConfig:
     layerwise: bool = False           # per-layer updates inside backward (the 24 GB mode on every rank)
     bucket_mb: float = 25.0           # projected gradients are averaged in buckets of this size
+    # per-layer only: "float64" accumulates and averages gradients in fp64, so a step's sum does
+    # not depend on how its micro-batches are spread over ranks (elastic resume on another world
+    # size then continues bit-for-bit as far as fp32 allows); "float32" sends half the bytes
+    reduce_dtype: str = "float32"
 
 
 @dataclass
@@ -486,7 +490,7 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     if mode in ("single", "layerwise") and dist.world_size > 1:
         key = "engine.mode" if e.mode != "auto" else "engine.multi_rank"
         raise ConfigError(key, f"{mode!r} runs one process but the launcher started {dist.world_size}",
-                          "use engine.mode=auto/deepspeed/fsdp, or launch one process")
+                          "use engine.mode=auto/deepspeed/fsdp/ddp, or launch one process")
     if mode == "layerwise" and t.optimizer == "adamw":
         raise ConfigError("training.optimizer", "adamw has no per-layer mode (engine.mode=layerwise)",
                           "use galore_adamw/galore_adamw8bit/galore_adafactor (galore.enabled=false gives "
@@ -510,6 +514,10 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
                           "use a galore_* optimizer (galore.enabled=false gives their full-rank rule), or "
                           "engine.mode=fsdp/deepspeed for the AdamW baseline")
     _positive("engine.ddp.bucket_mb", e.ddp.bucket_mb)
+    _choice("engine.ddp.reduce_dtype", e.ddp.reduce_dtype, ("float32", "float64"))
+    if e.ddp.reduce_dtype == "float64" and not e.ddp.layerwise:
+        raise ConfigError("engine.ddp.reduce_dtype", "float64 accumulation needs the per-layer hooks",
+                          "set engine.ddp.layerwise=true, or keep reduce_dtype=float32")
     if e.fsdp.layerwise and t.optimizer == "adamw":
         raise ConfigError("engine.fsdp.layerwise", "training.optimizer=adamw has no per-layer mode",
                           "use galore_adamw or galore_adamw8bit (galore.enabled=false gives their full-rank rule)")

@@ -75,6 +75,33 @@ def per_layer(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | N
     return {"rel_diff": diff, "norm_rel_diff": norm_diff, "bytes_between": bytes_between[:1], "expected": expected}
 
 
+def per_layer_float64(world: int) -> dict:
+    """accum_dtype=float64: a step's 12 one-row micro-batches spread 12/W per rank give the
+    one-process result, and the weights it returns are compared across W by the test (the
+    sums no longer depend on how micro-batches are spread over ranks)."""
+    rank, k = dist.get_rank(), 12 // world
+    ref, model = make_model(), make_model()
+
+    def wrap(m, k, **kw):
+        return galore_ds.LayerwiseOptimizer(
+            make_optimizer("adamw", m, update_proj_gap=GAP, refresh="randomized", **kw), accumulation_steps=k,
+            max_grad_norm=CLIP, accum_dtype=torch.float64, bucket_mb=0.0005)
+
+    lw, ref_lw = wrap(model, k, reduce_group=dist.group.WORLD), wrap(ref, 12)
+    assert lw.loss_divisor == 1
+    for s in range(STEPS):
+        x, y = data(s, 0, 12)
+        for i in range(12):
+            loss_fn(ref, x[i:i + 1], y[i:i + 1]).backward()
+            ref_lw.step()
+        for i in range(rank * k, (rank + 1) * k):
+            loss_fn(model, x[i:i + 1], y[i:i + 1]).backward()
+            lw.step()
+    diff = rel_diff(model, ref)
+    check(diff, TOL)
+    return {"rel_diff": diff, "params": [p.detach().flatten().tolist() for p in model.parameters()]}
+
+
 def _lowrank_numel(p: torch.Tensor, group: dict) -> int:
     m, n = p.shape
     r = group["rank"]
@@ -133,6 +160,7 @@ CASES = {
     "per_layer_k2_randomized_adafactor": lambda w: per_layer(w, opt="adafactor", accum=2, refresh="randomized"),
     "per_layer_adamw8bit_k1_clip": lambda w: per_layer(w, opt="adamw8bit", clip=CLIP),
     "per_layer_nan_on_one_rank_k2_clip": lambda w: per_layer(w, accum=2, clip=CLIP, poison=3),
+    "per_layer_float64_any_world": per_layer_float64,
     "comm_hook_equals_plain_ddp": lambda w: comm_hook(w),
     "comm_hook_accumulation_and_clipping": lambda w: comm_hook(w, accum=2, clip=CLIP),
     "comm_hook_randomized_adafactor": lambda w: comm_hook(w, opt="adafactor", refresh="randomized"),

@@ -58,7 +58,8 @@ class DDPEngine(Engine):
         self.layerwise = None
         self._ddp = None
         if per_layer:
-            self.layerwise = layerwise_for(self, self.optimizer, self.scheduler)
+            self.layerwise = layerwise_for(self, self.optimizer, self.scheduler,
+                                           accum_dtype=getattr(torch, self.cfg.engine.ddp.reduce_dtype))
             self.layerwise.bucket_numel = int(self.cfg.engine.ddp.bucket_mb * 2**20 // 4)
         elif group is not None:
             self._ddp = nn.parallel.DistributedDataParallel(

@@ -20,7 +20,7 @@ from galore_ds.train.engines.base import StepResult
 from galore_ds.train.engines.single import SingleEngine
 
 
-def layerwise_for(engine, optimizer, scheduler) -> LayerwiseOptimizer:
+def layerwise_for(engine, optimizer, scheduler, accum_dtype: torch.dtype = torch.float32) -> LayerwiseOptimizer:
     """The recipe's per-layer wrapper. Exact clipping (or accumulation) defers the updates to
     the end of backward, which is also what lets a NaN/Inf step be dropped whole; without
     either (no clipping, or training.clip_timing=delayed) updates run inside the hooks (least
@@ -33,7 +33,7 @@ def layerwise_for(engine, optimizer, scheduler) -> LayerwiseOptimizer:
     optimizer.max_grad_norm = None  # the per-layer wrapper clips (the optimizer's step never runs)
     return LayerwiseOptimizer(optimizer, accumulation_steps=engine.accumulation,
                               max_grad_norm=t.grad_clip if t.grad_clip > 0 else None,
-                              clip_timing=t.clip_timing, lr_scheduler=scheduler)
+                              clip_timing=t.clip_timing, lr_scheduler=scheduler, accum_dtype=accum_dtype)
 
 
 def layerwise_step(engine, lw: LayerwiseOptimizer, micro_batches) -> tuple[float, StepResult]:
@@ -45,7 +45,7 @@ def layerwise_step(engine, lw: LayerwiseOptimizer, micro_batches) -> tuple[float
     total, done = 0.0, False
     for mb in micro_batches:
         loss = engine.forward_loss(mb)
-        (loss / n).backward()   # parameters update inside backward at the last micro-batch
+        (loss / lw.loss_divisor).backward()   # parameters update inside backward at the last micro-batch
         total += float(loss.detach())
         done = lw.step()
     assert done, "the per-layer window did not close at the end of the step"
