@@ -1,17 +1,25 @@
-"""Quality at equal tokens: a small LLaMA on WikiText-2 (train on valid.txt, eval on test.txt),
-AdamW vs GaLore (exact SVD) vs GaLore (randomized refresh) vs galore-torch 1.0.
+"""Quality at equal tokens: a small LLaMA on WikiText-2, AdamW vs GaLore (exact and randomized refresh)
+vs galore-torch 1.0,
+each at its own best learning rate, several seeds.
 
-    python benchmarks/quality.py [--steps 300] [--out benchmarks/results/quality.json]
+    OMP_NUM_THREADS=1 python benchmarks/quality.py            # the study (~1-2 h on one core)
+    python benchmarks/quality.py --steps 20 --seeds 1 --quick  # a check of the script (a minute)
 
-Every run uses the same recipe, data order, initial weights and LR schedule (the train loop of
-this project); only the optimizer differs. Eval perplexity is on the whole held-out test
-stream (up to --eval-batches micro-batches). Writes the JSON and quality.png next to it."""
+1. Sweep (seed 0): AdamW over --adamw-lrs; GaLore (exact SVD) over --galore-lrs x --scales.
+2. Seeds: the best setting of each (lowest final eval perplexity) again with every seed in
+   --seeds; at GaLore's best setting and the same seeds, GaLore with the cold randomized
+   refresh (seeded subspace iteration instead of exact SVD) and galore-torch 1.0.
+Every run is this project's train loop with the same recipe, data order and schedule; only the
+optimizer (and its lr / scale) differs. Eval perplexity is taken --evals times during the run on
+the same held-out stream (WikiText-2 test.txt). Writes the JSON and a plot of eval perplexity
+against tokens (mean over seeds, band = min..max) next to it."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -19,7 +27,7 @@ import torch
 
 from galore_ds.train.config import DistEnv, from_dict, validate
 from galore_ds.train.engines.single import SingleEngine
-from galore_ds.train.optim import build_param_groups
+from galore_ds.train.optim import build_param_groups, clip_full_gradients
 from galore_ds.train.scheduler import warmup_cosine
 from galore_ds.train.trainer import train
 
@@ -45,96 +53,152 @@ class GaloreTorchEngine(SingleEngine):
                                   no_deprecation_warning=True)
         self.scheduler = warmup_cosine(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
 
+    def optimizer_step(self) -> float:
+        """galore-torch's step does not clip: full-gradient clipping first, as its users do."""
+        norm = clip_full_gradients([p for p in self._model.parameters() if p.grad is not None], self.cfg)
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
 
-def recipe(args, name: str, run_root: Path, **over) -> dict:
-    d = {
-        "name": name,
+
+def recipe(args, run_dir: Path, method: str, lr: float, scale: float, seed: int) -> dict:
+    """The recipe every run shares; `method` only switches the optimizer."""
+    return {
+        "name": run_dir.name,
         "model": {"hidden_size": args.hidden, "intermediate_size": int(args.hidden * 8 / 3) // 8 * 8,
                   "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 32,
                   "vocab_size": args.vocab, "max_position_embeddings": args.seq},
         "data": {"source": str(DATA / "valid.txt"), "eval_source": str(DATA / "test.txt"), "tokenizer": "bpe",
-                 "seq_len": args.seq, "cache_dir": str(run_root / "cache")},
-        "training": {"optimizer": "galore_adamw", "steps": args.steps, "lr": args.lr, "warmup_steps": args.steps // 10,
-                     "global_batch": args.batch, "micro_batch": args.batch, "grad_clip": 1.0,
-                     "eval_every": 0, "eval_batches": args.eval_batches, "seed": 0},
-        "galore": {"rank": args.rank, "update_proj_gap": args.gap, "scale": args.scale},
-        "checkpoint": {"save_final": False, "dir": str(run_root / name / "ckpt")},
-        "logging": {"run_dir": str(run_root / name), "progress_bar": False, "log_every": 1},
+                 "seq_len": args.seq, "cache_dir": str(Path(args.run_root) / "cache")},
+        "training": {"optimizer": "adamw" if method == "adamw" else "galore_adamw", "steps": args.steps,
+                     "lr": lr, "warmup_steps": args.steps // 10, "global_batch": args.batch,
+                     "micro_batch": args.batch, "grad_clip": 1.0, "seed": seed,
+                     "eval_every": max(1, args.steps // args.evals), "eval_batches": args.eval_batches},
+        "galore": {"enabled": method != "adamw", "rank": args.rank, "update_proj_gap": args.gap, "scale": scale,
+                   "refresh": "randomized" if method == "galore_randomized" else "svd"},
+        "checkpoint": {"save_final": False, "dir": str(run_dir / "ckpt")},
+        "logging": {"run_dir": str(run_dir), "progress_bar": False, "log_every": 10},
     }
-    for path, value in over.items():
-        sec, key = path.split("__")
-        d[sec][key] = value
-    return d
 
 
-def main() -> None:
+def run(args, method: str, lr: float, scale: float, seed: int) -> dict:
+    run_dir = Path(args.run_root) / f"{method}_lr{lr:g}_s{scale:g}_seed{seed}"
+    rec = recipe(args, run_dir, method, lr, scale, seed)
+    metrics = run_dir / "metrics.jsonl"
+    done = run_dir / "recipe.json"
+    # a finished run of the same recipe is read back (a study extended later reruns nothing)
+    if not (done.is_file() and json.loads(done.read_text()) == rec and metrics.is_file()):
+        cfg = validate(from_dict(rec), DistEnv())
+        engine = GaloreTorchEngine(cfg, DistEnv()) if method == "galore_torch" else None
+        metrics.unlink(missing_ok=True)
+        if train(cfg, DistEnv(), engine)["interrupted"]:  # Ctrl-C / SIGTERM: stop the study too
+            raise SystemExit(f"{run_dir.name}: interrupted")
+        done.write_text(json.dumps(rec))
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    tokens_per_step = args.batch * args.seq
+    curve = [[r["step"] * tokens_per_step, r["eval_ppl"]] for r in rows if "eval_ppl" in r]
+    out = {"method": method, "lr": lr, "scale": scale, "seed": seed, "eval_ppl": curve[-1][1],
+           "curve": curve, "wall_s": round([r["elapsed_s"] for r in rows if "elapsed_s" in r][-1], 1)}
+    print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    ppl = [r["eval_ppl"] for r in runs]
+    return {"lr": runs[0]["lr"], "scale": runs[0]["scale"], "seeds": [r["seed"] for r in runs],
+            "eval_ppl": ppl, "mean": statistics.fmean(ppl),
+            "stdev": statistics.stdev(ppl) if len(ppl) > 1 else 0.0, "min": min(ppl), "max": max(ppl)}
+
+
+def plot(lines: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in lines.items():
+        tokens = [t for t, _ in runs[0]["curve"]]
+        per_point = list(zip(*[[p for _, p in r["curve"]] for r in runs]))
+        mean = [statistics.fmean(v) for v in per_point]
+        s = summarize(runs)
+        line, = ax.plot(tokens, mean, "o-", label=f"{name} (lr {s['lr']:g}"
+                        + (f", scale {s['scale']:g}" if name != "adamw" else "") + f"; {len(runs)} seeds)")
+        ax.fill_between(tokens, [min(v) for v in per_point], [max(v) for v in per_point],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("eval perplexity (WikiText-2 test)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.005, help="GaLore runs' peak LR")
-    p.add_argument("--adamw-lr", type=float, default=0.001,
-                   help="AdamW's peak LR (the paper tunes full-rank and GaLore LRs separately: 1e-3 vs 1e-2)")
-    p.add_argument("--merge", action="store_true", help="update --out with these runs, keep the others")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--gap", type=int, default=50)
-    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--gap", type=int, default=100)
+    p.add_argument("--adamw-lrs", default="0.00125,0.0025,0.005,0.01")
+    p.add_argument("--galore-lrs", default="0.01,0.02")
+    p.add_argument("--scales", default="0.25,0.5")
+    p.add_argument("--seeds", default="0,1,2", help="AdamW and GaLore at their best settings")
+    p.add_argument("--extra-seeds", default="0,1", help="randomized refresh and galore-torch")
+    p.add_argument("--evals", type=int, default=6, help="evaluations per run (the curve's points)")
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--runs", default="adamw,galore_exact,galore_randomized,galore_torch")
+    p.add_argument("--quick", action="store_true", help="one lr per method: check the script, measure nothing")
     p.add_argument("--run-root", default="runs/quality")
     p.add_argument("--out", default="benchmarks/results/quality.json")
-    args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    root = Path(args.run_root)
-    variants = {
-        "adamw": dict(training__optimizer="adamw", galore__enabled=False, training__lr=args.adamw_lr),
-        "galore_exact": dict(galore__refresh="svd"),
-        "galore_randomized": dict(galore__refresh="randomized"),
-        "galore_torch": dict(),  # same recipe, optimizer replaced by GaloreTorchEngine
-    }
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    adamw_lrs, galore_lrs, scales = floats(args.adamw_lrs), floats(args.galore_lrs), floats(args.scales)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.quick:
+        adamw_lrs, galore_lrs, scales = adamw_lrs[:1], galore_lrs[:1], scales[:1]
+    started = time.perf_counter()
+
+    sweep = [run(args, "adamw", lr, 0.0, seeds[0]) for lr in adamw_lrs]
+    sweep += [run(args, "galore", lr, s, seeds[0]) for lr, s in itertools.product(galore_lrs, scales)]
+    best = {m: min((r for r in sweep if r["method"] == m), key=lambda r: r["eval_ppl"]) for m in ("adamw", "galore")}
+    lines = {m: [best[m]] + [run(args, m, best[m]["lr"], best[m]["scale"], s) for s in seeds[1:]]
+             for m in ("adamw", "galore")}
+    for other in ("galore_randomized", "galore_torch"):  # GaLore's best setting, other refresh / code
+        lines[other] = [run(args, other, best["galore"]["lr"], best["galore"]["scale"], s)
+                        for s in (int(x) for x in args.extra_seeds.split(","))]
+
+    summary = {m: summarize(rs) for m, rs in lines.items()}
+    gap = 100 * (summary["galore"]["mean"] / summary["adamw"]["mean"] - 1)
     out = Path(args.out)
-    results = {}
-    if args.merge and out.exists():
-        results = json.loads(out.read_text())["results"]
-    for name in [n for n in args.runs.split(",") if n]:  # --runs "" only re-summarises --out
-        cfg = validate(from_dict(recipe(args, name, root, **variants[name])), DistEnv())
-        engine = GaloreTorchEngine(cfg, DistEnv()) if name == "galore_torch" else None
-        (root / name / "metrics.jsonl").unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        summary = train(cfg, DistEnv(), engine)
-        prev = results.get(name)
-        if prev is not None and prev.get("lr") not in (None, cfg.training.lr):
-            results[f"{name}_lr{prev['lr']}"] = prev  # keep an earlier run at another LR
-        results[name] = {"lr": cfg.training.lr, "eval_loss": summary["eval_loss"],
-                         "eval_ppl": math.exp(summary["eval_loss"]),
-                         "final_train_loss": summary["last_loss"], "wall_s": time.perf_counter() - t0,
-                         "metrics": str(root / name / "metrics.jsonl")}
-        print(name, json.dumps(results[name]), flush=True)
-    # The baseline is the best AdamW run (LR swept: --adamw-lr with --merge keeps each LR).
-    adamw = {n: r for n, r in results.items() if n.startswith("adamw")}
-    if adamw:
-        best = min(adamw, key=lambda n: adamw[n]["eval_ppl"])
-        for r in results.values():
-            r["ppl_gap_vs_best_adamw_pct"] = 100 * (r["eval_ppl"] / adamw[best]["eval_ppl"] - 1)
-            r.pop("ppl_gap_vs_adamw_pct", None)
-    tokens = args.steps * args.batch * args.seq
-    doc = {"best_adamw": best if adamw else None,
-           "setup": {**vars(args), "tokens": tokens, "data": "wikitext-2 valid.txt (train) / test.txt (eval)",
-                     "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()},
-           "results": results}
-    ran = [n for n in args.runs.split(",") if n]
-    if not ran and out.exists():  # summarising only: keep the setup of the runs
-        doc["setup"] = json.loads(out.read_text())["setup"]
+    doc = {
+        "setup": {**vars(args), "tokens": args.steps * args.batch * args.seq,
+                  "params_note": "LLaMA, untied embeddings", "data": "WikiText-2 valid.txt (train) / test.txt (eval)",
+                  "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                  "wall_s": round(time.perf_counter() - started, 1)},
+        "summary": summary,
+        "galore_vs_adamw_ppl_pct": round(gap, 2),
+        "randomized_vs_exact_ppl_pct": round(100 * (summary["galore_randomized"]["mean"] / summary["galore"]["mean"] - 1), 2),
+        "galore_vs_galore_torch_ppl_pct": round(100 * (summary["galore"]["mean"] / summary["galore_torch"]["mean"] - 1), 2),
+        "paper_gap_pct": "+0.5 to +2.4 (60M-1B, C4, arXiv 2403.03507 Table 2)",
+        "sweep": [{k: v for k, v in r.items() if k != "curve"} for r in sweep],
+        "runs": {m: rs for m, rs in lines.items()},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    from galore_ds.tools.plot import plot
-
-    names = [n for n in results if Path(results[n]["metrics"]).is_file()]
-    plot([results[n]["metrics"] for n in names], str(out.with_suffix(".png")), labels=names)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    plot(lines, out.with_suffix(".png"))
+    print(json.dumps({m: {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k != "eval_ppl"}
+                      for m, s in summary.items()}, indent=1))
+    print(f"GaLore vs AdamW: {gap:+.2f}% eval perplexity; wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

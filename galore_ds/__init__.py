@@ -12,8 +12,9 @@ tools; launch/train.py on top.
 from galore_ds.core.groups import param_groups
 from galore_ds.layouts.layerwise import LayerwiseOptimizer
 from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __version__ = "0.2.0"
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer",
-           "LayerwiseOptimizer", "param_groups"]
+           "LayerwiseOptimizer", "LowRankHookState", "lowrank_comm_hook", "param_groups"]

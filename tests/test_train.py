@@ -176,6 +176,43 @@ def test_metrics_and_plot(tmp_path, cache_dir):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_tensorboard_and_offline_wandb_get_the_metrics_and_a_resume_continues_them(tmp_path, cache_dir,
+                                                                                    monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    over = dict(training__steps=6, training__eval_every=3, checkpoint__every=2, logging__tensorboard=True,
+                logging__wandb="offline", logging__progress_bar=False)
+    train(make_cfg(tmp_path, cache_dir, **{**over, "training__steps": 4}), DistEnv())
+    # resume from step 2: steps 3 and 4 run again, and TensorBoard must hold them once (purged)
+    train(make_cfg(tmp_path, cache_dir, **over, checkpoint__resume=str(tmp_path / "ckpt" / "step-0000002")),
+          DistEnv())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the last logged loss of each step (the resumed run's for 3-6): what TensorBoard must hold
+    want = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    got = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(got[s] - want[s]) < 1e-5 * abs(want[s]) for s in got)
+    assert [e.step for e in events.Scalars("eval/eval_loss")] == [3, 6]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "run" / "wandb_id").read_text()
+    assert runs and all(r.name.endswith(run_id) for r in runs)  # the resumed run continues the same W&B run
+    assert all(any(r.glob("*.wandb")) for r in runs)
+
+
+def test_logging_sinks_name_the_missing_package(tmp_path, cache_dir, monkeypatch):
+    import importlib.util
+
+    from galore_ds.train.config import ConfigError, validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb.*pip install wandb"):
+        validate(make_cfg(tmp_path, cache_dir, logging__wandb="offline"), DistEnv())
+
+
 def test_meta_built_model_matches_cpu_built(tmp_path, cache_dir):
     from galore_ds.train.model import materialize
 

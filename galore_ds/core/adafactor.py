@@ -44,6 +44,19 @@ def factored_direction(grad: torch.Tensor, row: torch.Tensor, row_mean: torch.Te
     return torch.mul(r_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
 
 
+def _whole_direction(state: dict, grad: torch.Tensor, sq: torch.Tensor, beta2t: float) -> torch.Tensor:
+    """The second-moment update and the direction of a gradient held whole on this rank
+    (`sq` = grad^2 + eps1): factored row/column statistics for matrices, a full one for vectors."""
+    if grad.dim() >= 2:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        return factored_direction(grad, row, row.mean(dim=-1, keepdim=True), col)
+    v = state["exp_avg_sq"]
+    v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+    return v.rsqrt().mul_(grad)
+
+
 def lr_of(group: dict, step: int, rms: torch.Tensor) -> float | torch.Tensor:
     lr = group["lr"]
     if group["relative_step"]:
@@ -94,16 +107,7 @@ class AdafactorRule:
         step = state["step"] + 1
         state["RMS"] = _rms(p)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        update = grad**2 + group["eps"][0]
-        if grad.dim() >= 2:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            update = factored_direction(grad, row, row.mean(dim=-1, keepdim=True), col)
-        else:
-            v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-            update = v.rsqrt().mul_(grad)
+        update = _whole_direction(state, grad, grad**2 + group["eps"][0], beta2t)
         self._finish(item, update, _rms(update), step)
 
     # ------------------------------------------------------------ split across ranks
@@ -148,15 +152,7 @@ class AdafactorRule:
             return
         state["RMS"] = (total[-1] / item.param_numel).sqrt()
         if sp.dim is None:
-            if grad.dim() >= 2:
-                row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-                col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
-                update = factored_direction(grad, row, row.mean(dim=-1, keepdim=True), col)
-            else:
-                v = state["exp_avg_sq"]
-                v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-                update = v.rsqrt().mul_(grad)
+            update = _whole_direction(state, grad, sq, beta2t)
             self._finish(item, update, _rms(update), step)
             return
         rows, cols = sp.grad_shape[0], sp.grad_shape[-1]

@@ -20,7 +20,9 @@ explicit and idempotent):
    optimizer (`optimizer.zero`), or at ZeRO-0 its data-parallel group (`replica_group`: each
    SVD then runs once, on an owner). While DeepSpeed configures, GaLore optimizers ignore
    steps: FP16_UnfusedOptimizer and BF16_Optimizer take one on zero gradients to create
-   states, which would compute projectors from zeros.
+   states, which would compute projectors from zeros. A GaLore optimizer's param groups
+   arriving in another optimizer class (Accelerate's swap to DeepSpeedCPUAdam under
+   offload_optimizer) are refused with one line.
 A GaLore optimizer that meets flat partitions without this binding refuses with one line.
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ def register() -> None:
     configure = Engine._configure_optimizer
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
+        refuse_replaced_optimizer(client_optimizer)
         with steps_ignored():
             out = configure(self, client_optimizer, model_parameters)
         bind(self)
@@ -74,6 +77,20 @@ def register() -> None:
 
     Engine._configure_optimizer = _configure_optimizer
     _REGISTERED = True
+
+
+def refuse_replaced_optimizer(client_optimizer: Any) -> None:
+    """A GaLore optimizer's groups arriving in another optimizer class: something between the
+    user and DeepSpeed replaced it. Accelerate does so, silently, when the DeepSpeed config
+    offloads the optimizer (map_pytorch_optim_to_deepspeed builds DeepSpeedCPUAdam from the
+    GaLore optimizer's param groups): GaLore would be gone without a word."""
+    groups = getattr(client_optimizer, "param_groups", None)
+    if isinstance(client_optimizer, GaLoreOptimizer) or not groups or not any("rank" in g for g in groups):
+        return
+    raise ValueError(
+        f"DeepSpeed was handed a {type(client_optimizer).__name__} built from a GaLore optimizer's param "
+        "groups (Accelerate replaces a client optimizer when zero_optimization.offload_optimizer is set): "
+        "remove offload_optimizer from the DeepSpeed config; GaLore's optimizer states are already low-rank")
 
 
 def bind(engine) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from galore_ds.core import projector as pj
-from galore_ds.core.adamw8bit import BLOCKSIZE, init_moments, qmap
+from galore_ds.core.adamw8bit import BLOCKSIZE, bnb_functional, init_moments, qmap
 from galore_ds.layouts.base import local_tensor
 from galore_ds.layouts.entry import Entry
 
@@ -97,8 +97,7 @@ def local_slice(p: Place, length: int) -> slice:
 # --------------------------------------------------------------------- 8-bit <-> dense
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor | None, signed: bool) -> torch.Tensor:
     """The fp32 values of an 8-bit moment block (fp32 blocks come back as they are)."""
-    import bitsandbytes.functional as bnbf
-
+    bnbf = bnb_functional()
     if codes.dtype != torch.uint8:
         return codes.float()
     if codes.numel() == 0:
@@ -110,8 +109,7 @@ def eight_bit_form(values: dict[str, torch.Tensor], group: dict, shape: tuple[in
                    device: torch.device) -> dict[str, torch.Tensor]:
     """GaLoreAdamW8bit's state for a dense block of the Adam moments: quantized in this
     rank's blocks, or fp32 below min_8bit_size (the optimizer's own rule)."""
-    import bitsandbytes.functional as bnbf
-
+    bnbf = bnb_functional()
     out: dict[str, torch.Tensor] = {}
     init_moments(out, torch.empty(shape, device=device), group)
     for key, (sk, ak, signed) in EIGHT_BIT.items():

@@ -98,6 +98,13 @@ def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
+    """The default-group rank of `group`'s rank `rank` (what dist.reduce / broadcast take)."""
+    if group is None or group is dist.group.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)
+
+
 # --------------------------------------------------------------------------- counting
 @dataclass
 class CommCounter:
@@ -296,6 +303,10 @@ def share_from_owners(
     width = max(sizes) if sizes else 0
     if width == 0:
         return [None] * njobs
+    if len({owners[j] for j in range(njobs)}) == 1:
+        # one owner (a per-layer refresh of one matrix): a broadcast of its row, not a gather
+        # of every rank's padded one
+        width = sizes[owners[0]]
     mine = by_rank[rank]
     buf = torch.zeros(width, dtype=dtype, device=device)
     off = len(mine)
@@ -308,11 +319,18 @@ def share_from_owners(
             buf[i] = 1.0
             buf[off:off + numel[j]] = t.reshape(-1).to(dtype)
         off += numel[j]
-    out_buf = torch.empty(world * width, dtype=dtype, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out_buf, buf, group=group)
-    if counter is not None:
-        counter.record("share_from_owners", buf.numel() * buf.element_size())
+    if len({owners[j] for j in range(njobs)}) == 1:
+        dist.broadcast(buf, src=global_rank(group, owners[0]), group=group)
+        if counter is not None:
+            counter.record("share_from_owners", buf.numel() * buf.element_size())
+        out_buf = torch.zeros(world * width, dtype=dtype, device=device)
+        out_buf[owners[0] * width:(owners[0] + 1) * width] = buf
+    else:
+        out_buf = torch.empty(world * width, dtype=dtype, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out_buf, buf, group=group)
+        if counter is not None:
+            counter.record("share_from_owners", buf.numel() * buf.element_size())
 
     out: list[torch.Tensor | None] = [None] * njobs
     for r in range(world):
@@ -340,6 +358,20 @@ def reduce_to_owners(
         return [t.float() for t in tensors] if world == 1 else []
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device
+    if len(set(owners)) == 1:
+        # one owner (a per-layer refresh of one matrix): a reduce to it sends each tensor once,
+        # where the reduce_scatter below would send world padded copies
+        packed = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.reduce(packed, dst=global_rank(group, owners[0]), group=group)
+        if counter is not None:
+            counter.record("reduce_to_owners", packed.numel() * packed.element_size())
+        if rank != owners[0]:
+            return [None] * len(tensors)
+        out, off = [], 0
+        for t in tensors:
+            out.append(packed[off:off + t.numel()].reshape(t.shape))
+            off += t.numel()
+        return out
     by_rank = [[j for j in range(len(tensors)) if owners[j] == r] for r in range(world)]
     width = max(sum(tensors[j].numel() for j in js) for js in by_rank)
     send = torch.zeros(world, width, dtype=dtype, device=device)

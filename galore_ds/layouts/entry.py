@@ -24,6 +24,7 @@ class Entry:
     write_back: Callable[[], None] | None = None
     g_piece: torch.Tensor | None = None   # the raw gradient piece (gathers), when it differs from g_local
     averaged: bool = False      # its projected gradient is already averaged over the layout's reduce_group
+    owner: int | None = None    # replicated matrices: the rank of its group that refreshes it
 
     @property
     def side(self) -> pj.Side:

@@ -115,6 +115,9 @@ class LayerwiseOptimizer:
         bucket_mb: replicated weights whose gradients are per-rank contributions (optimizer
             built with reduce_group): what is averaged travels in asynchronous buckets of this
             size, launched as backward goes on.
+        reduce_dtype: the wire dtype of those buckets (None: the accumulators' dtype).
+            torch.bfloat16 halves the bytes; the sum over ranks is then rounded to bf16 (about
+            3 significant digits, as DDP's bf16 gradient compression), and averaged in fp32.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class LayerwiseOptimizer:
         lr_scheduler: Any = None,
         accum_dtype: torch.dtype = torch.float32,
         bucket_mb: float = 25,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError(f"LayerwiseOptimizer needs a GaLoreOptimizer, got {type(optimizer).__name__}")
@@ -137,6 +141,10 @@ class LayerwiseOptimizer:
             raise ValueError(f"clip_timing={clip_timing!r}: expected one of {CLIP_TIMINGS}")
         if accum_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accum_dtype={accum_dtype}: expected torch.float32 or torch.float64")
+        if reduce_dtype not in (None, torch.float32, torch.bfloat16) or (
+                reduce_dtype == torch.bfloat16 and accum_dtype == torch.float64):
+            raise ValueError(f"reduce_dtype={reduce_dtype}: expected None, torch.float32 or torch.bfloat16 "
+                             "(bfloat16 with accum_dtype=float32)")
         if optimizer.zero is not None:
             raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
         self.optimizer = optimizer
@@ -144,6 +152,7 @@ class LayerwiseOptimizer:
         self.max_grad_norm = max_grad_norm
         self.lr_scheduler = lr_scheduler
         self.accum_dtype = accum_dtype
+        self.reduce_dtype = reduce_dtype
         self.clip_timing = clip_timing
         self._next_coef = 1.0  # delayed clipping: the coefficient from the previous step's norm
 
@@ -437,7 +446,7 @@ class LayerwiseOptimizer:
             return
         group = self._bucket[0][0].layout.reduce_group
         dtype = torch.float64 if any(low.dtype == torch.float64 for _, low, _ in self._bucket) else torch.float32
-        packed = torch.cat([low.reshape(-1).to(dtype) for _, low, _ in self._bucket])
+        packed = torch.cat([low.reshape(-1).to(self.reduce_dtype or dtype) for _, low, _ in self._bucket])
         COMM.record("layerwise_bucket", packed.numel() * packed.element_size())
         work = dist.all_reduce(packed, group=group, async_op=True)
         self._inflight.append((work, packed, self._bucket, group_rank_size(group)[1]))
@@ -446,6 +455,8 @@ class LayerwiseOptimizer:
     def _settle(self, launched) -> None:
         work, packed, bucket, world = launched
         work.wait()
+        if packed.dtype == torch.bfloat16:
+            packed = packed.float()
         # fp64 windows queue sums (see _finish_wide): divided once by every micro-batch counted
         packed.div_(world * (self.accumulation_steps if packed.dtype == torch.float64 else 1))
         offset = 0

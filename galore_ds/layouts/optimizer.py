@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from galore_ds.core import projector as pj
@@ -53,7 +56,7 @@ from galore_ds.core.groups import (
 from galore_ds.core.scratch import Scratch
 from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
-from galore_ds.layouts.comm import all_reduce_packed
+from galore_ds.layouts.comm import all_reduce_packed, assign_owners, group_rank_size, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
 from galore_ds.layouts.entry import Entry
 from galore_ds.layouts.refresh import refresh as refresh_entries
@@ -144,7 +147,9 @@ class GaLoreOptimizer(Optimizer):
         self.next_clip_coef = 1.0             # delayed clipping: the coefficient of the last norm
         self.reduce_group = reduce_group
         # Counters a trainer can log (this process; not part of the state dict).
-        self.galore_stats: dict[str, int] = {"refreshes": 0, "svd_failures": 0, "nonfinite_refresh_skipped": 0}
+        # refresh_s: wall seconds spent computing and installing projectors (device-synchronized).
+        self.galore_stats: dict[str, float] = {"refreshes": 0, "svd_failures": 0, "nonfinite_refresh_skipped": 0,
+                                               "refresh_s": 0.0}
         self.grad_norm: float | None = None   # the last step's global norm of what it consumed
         self.clip_coef: float = 1.0
         self.skipped_steps = 0                # steps dropped for a NaN/Inf gradient
@@ -152,8 +157,10 @@ class GaLoreOptimizer(Optimizer):
         self.zero: ZeroBinding | None = None  # set by galore_ds.integrations.deepspeed
         self.replica_group: Any = None        # ZeRO-0 / DDP: whole tensors, identical on these ranks
         self.lowrank = None                   # a DDP comm hook's LowRankReduction (layouts/replicated.py)
-        self._layouts: dict[int, Layout] = {}
+        self._layouts: dict[int, tuple[weakref.ref, Layout]] = {}
+        self._param_ids: tuple[int, ...] = ()  # the groups' parameters when the caches were filled
         self._index: dict[int, int] = {}
+        self._owners: dict[int, int] | None = None  # replicated GaLore matrices -> refreshing rank
         self._scratch = Scratch()
         self._pending: list[tuple[list[Item], dict, list[Entry]]] = []
         super().__init__(params, defaults)
@@ -187,8 +194,11 @@ class GaLoreOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ layouts
     def layout_of(self, p: torch.Tensor) -> Layout:
-        """How this rank holds parameter `p` (cached: placements do not change)."""
-        lay = self._layouts.get(id(p))
+        """How this rank holds parameter `p` (cached: placements do not change). The cache is
+        keyed by id and checked by identity: a framework that swaps parameters in the groups
+        (Accelerate after fully_shard) frees the old ones, and a new tensor may reuse an id."""
+        cached = self._layouts.get(id(p))
+        lay = cached[1] if cached is not None and cached[0]() is p else None
         if lay is None:
             reduce_group = self.reduce_group
             if self.lowrank is not None and id(p) in self.lowrank.galore:
@@ -197,7 +207,7 @@ class GaLoreOptimizer(Optimizer):
                 lay = dtensor_layout(p, reduce_group)
             else:
                 lay = plain_layout(p, reduce_group, self.replica_group)
-            self._layouts[id(p)] = lay
+            self._layouts[id(p)] = (weakref.ref(p), lay)
         return lay
 
     def attach_lowrank_reduction(self, reduction) -> None:
@@ -225,6 +235,7 @@ class GaLoreOptimizer(Optimizer):
         re-grouped the parameters)."""
         self._layouts.clear()
         self._index.clear()
+        self._owners = None
 
     def param_index(self, p: torch.Tensor) -> int:
         """Stable index of `p` in the optimizer's parameter order (seeds, owner assignment)."""
@@ -256,9 +267,33 @@ class GaLoreOptimizer(Optimizer):
         if layout.piece is not None and grad is not None:
             pc = layout.piece
             g_piece = grad[pc.offset:pc.offset + pc.numel]
-        return Entry(key, p, layout, group, index, state, galore, p_local, g_local, write_back, g_piece)
+        return Entry(key, p, layout, group, index, state, galore, p_local, g_local, write_back, g_piece,
+                     owner=self.replicated_owner(p) if galore else None)
+
+    def replicated_owner(self, p: torch.Tensor) -> int | None:
+        """The rank that refreshes GaLore matrix `p` when every rank of its group holds all of
+        it (per-rank contributions or replicas; None otherwise). LPT over ALL such matrices by
+        SVD cost, in parameter order, the same on every rank: a per-layer run that refreshes
+        one matrix at a time then spreads the SVDs over the ranks as a batched refresh does."""
+        if self._owners is None:
+            by_group: dict[int, tuple[Any, list[tuple[int, tuple[int, ...]]]]] = {}
+            for g in self.param_groups:
+                for q in g["params"] if "rank" in g else ():
+                    lay = self.layout_of(q)
+                    grp = lay.reduce_group if lay.reduce_group is not None else lay.replica_group
+                    if lay.group is None and grp is not None and len(lay.shape) == 2:
+                        by_group.setdefault(id(grp), (grp, []))[1].append((id(q), lay.shape))
+            self._owners = {}
+            for grp, jobs in by_group.values():
+                owners = assign_owners([svd_cost(shape) for _, shape in jobs], group_rank_size(grp)[1])
+                self._owners.update({key: o for (key, _), o in zip(jobs, owners)})
+        return self._owners.get(id(p))
 
     def _entries(self) -> list[Entry]:
+        ids = tuple(id(q) for g in self.param_groups for q in g["params"])
+        if ids != self._param_ids:  # parameters swapped in the groups (Accelerate, FSDP2): read them again
+            self.forget_layouts()
+            self._param_ids = ids
         entries = []
         for group in self.param_groups:
             params = group["params"]
@@ -288,6 +323,9 @@ class GaLoreOptimizer(Optimizer):
                 loss = closure()
         if _IGNORE_STEPS[0]:
             return loss
+        if self._is_state_init_step():
+            self._create_states()
+            return loss
         entries = self._entries()
         deferred = self.zero is not None and self.zero.per_call
         items, undo = self.prepare(entries, reuse_buffers=not deferred)
@@ -307,6 +345,40 @@ class GaLoreOptimizer(Optimizer):
                 if flat.copy_back is not None:
                     flat.copy_back()
         return loss
+
+    def _is_state_init_step(self) -> bool:
+        """torch.distributed.checkpoint's _init_optim_state (get/set_optimizer_state_dict on an
+        optimizer without state, as torchtitan and Accelerate call them): lr 0 everywhere and
+        zero gradients, to make step() create the state. A projector computed from that zero
+        gradient would be arbitrary, and counting that step would shift every refresh."""
+        # (DCP sets every group's "lr" to 0: None, Adafactor's relative step, is a real step)
+        if self.state or any(g.get("lr") is None or float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        nonzero = any(bool(local_tensor(p.grad).count_nonzero()) for g in self.param_groups
+                      for p in g["params"] if p.grad is not None)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a rank holding empty shards sees zeros either way: decide together
+            flag = torch.tensor([float(nonzero)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            nonzero = bool(flag.item())
+        return not nonzero
+
+    def _create_states(self) -> None:
+        """Every state entry in the shape training gives it, values that change nothing: step
+        0 (so the first real step still refreshes), a zero placeholder projector, zero moments.
+        What DCP then loads overwrites them; a run that never loads refreshes at its first step."""
+        entries = self._entries()
+        stats = dict(self.galore_stats)
+        for e in entries:
+            if e.galore and "proj" not in e.state:
+                m, n = e.layout.shape
+                basis = torch.zeros(e.group["rank"], n if e.side == "right" else m, device=e.p_local.device)
+                self.install_projector(e, basis)
+        items = self.complete(entries, self.project(entries, reuse_buffers=False))
+        self.update(items)  # lr 0 and zero gradients: creates the moments, moves no weight
+        for e in entries:
+            e.state["step"] = 0
+        self.galore_stats = stats
 
     def prepare(self, entries: list[Entry], reuse_buffers: bool = False) -> tuple[list[Item], dict]:
         """Phases 2-3: refresh the due projectors, project and complete every gradient.
@@ -361,7 +433,11 @@ class GaLoreOptimizer(Optimizer):
                                                 for k, v in e.state.items()})
             self.install_projector(e, basis)
 
+        started = time.perf_counter()
         refresh_entries(entries, self.compute_basis, install, self.prev_basis, self.program_for)
+        if entries and entries[0].p_local.is_cuda:
+            torch.cuda.synchronize(entries[0].p_local.device)  # the time of the work, not of its launch
+        self.galore_stats["refresh_s"] += time.perf_counter() - started
 
     def prev_basis(self, e: Entry) -> torch.Tensor | None:
         return pj.proj_to_basis(e.state["proj"], e.side).float() if "proj" in e.state else None

@@ -102,13 +102,21 @@ def _average_over_replicas(entries: list[Entry]) -> None:
         e.g_piece = None
 
 
+def _owners(entries: list[Entry], costs: list[float], world: int) -> list[int]:
+    """Each replicated matrix's own owner (optimizer.replicated_owner: balanced over all
+    matrices, so one-at-a-time refreshes spread too), else LPT over these jobs."""
+    if all(e.owner is not None for e in entries):
+        return [e.owner for e in entries]
+    return assign_owners(costs, world)
+
+
 def _owner(entries: list[Entry], group, replicated: bool, compute: Compute, install: Install) -> None:
     rank, world = group_rank_size(group)
     shapes = [e.layout.shape for e in entries]
     costs = [svd_cost(s) for s in shapes]
     if replicated:
         counts = None
-        owners = assign_owners(costs, world)
+        owners = _owners(entries, costs, world)
         fulls = [e.g_local if owners[j] == rank else None for j, e in enumerate(entries)]
     else:
         counts = [e.layout.counts for e in entries]
@@ -131,7 +139,7 @@ def _owner(entries: list[Entry], group, replicated: bool, compute: Compute, inst
 def _owner_from_contributions(entries: list[Entry], group, compute: Compute, install: Install) -> None:
     """Per-rank contributions: the owner receives their sum (ONE reduce_scatter), averages."""
     rank, world = group_rank_size(group)
-    owners = assign_owners([svd_cost(e.layout.shape) for e in entries], world)
+    owners = _owners(entries, [svd_cost(e.layout.shape) for e in entries], world)
     sums = reduce_to_owners([e.g_local for e in entries], owners, group=group)
     bases = [compute(e, s.div_(world).float()) if s is not None else None for e, s in zip(entries, sums)]
     shared = share_from_owners(bases, [_basis_dims(e) for e in entries], owners, group=group,

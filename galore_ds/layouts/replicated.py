@@ -43,15 +43,20 @@ class LowRankReduction:
 
 
 class LowRankHookState:
-    """The comm hook's state: the GaLore optimizer that will step these parameters and the
-    process group DDP reduces over (None: the default group)."""
+    """The comm hook's state: the GaLore optimizer that will step these parameters, the
+    process group DDP reduces over (None: the default group), and the wire dtype
+    (torch.bfloat16 halves the bytes: the sum over ranks is rounded to bf16, as DDP's
+    bf16_compress_hook does; averaged in fp32)."""
 
-    def __init__(self, optimizer, process_group: Any = None) -> None:
+    def __init__(self, optimizer, process_group: Any = None, reduce_dtype: torch.dtype = torch.float32) -> None:
         from galore_ds.layouts.optimizer import GaLoreOptimizer
 
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError(f"lowrank_comm_hook needs a galore_ds optimizer, got {type(optimizer).__name__}")
+        if reduce_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"reduce_dtype={reduce_dtype}: expected torch.float32 or torch.bfloat16")
         self.optimizer = optimizer
+        self.reduce_dtype = reduce_dtype
         self.group = process_group if process_group is not None else dist.group.WORLD
         galore = {id(p) for g in optimizer.param_groups if "rank" in g for p in g["params"]}
         optimizer.attach_lowrank_reduction(LowRankReduction(self.group, galore))
@@ -79,12 +84,12 @@ def lowrank_comm_hook(state: LowRankHookState, bucket: "dist.GradBucket") -> tor
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(buffer)
         return fut
-    packed = torch.cat(sends)
+    packed = torch.cat(sends).to(state.reduce_dtype)
     COMM.record("lowrank_comm_hook", packed.numel() * packed.element_size())
     work = dist.all_reduce(packed, group=state.group, async_op=True)
 
     def unpack(f) -> torch.Tensor:
-        total = f.value()[0].div_(world)
+        total = f.value()[0].float().div_(world)
         offset = 0
         for kind, target, shape in slots:
             if kind == "R":

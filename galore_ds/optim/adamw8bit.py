@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from galore_ds.core.adamw8bit import AdamW8bitRule
+from galore_ds.core.adamw8bit import AdamW8bitRule, bnb_functional
 from galore_ds.core.update import check_adam_hyperparameters
 from galore_ds.layouts.optimizer import GaLoreOptimizer
 
@@ -36,6 +36,7 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         **galore_options: Any,
     ) -> None:
         check_adam_hyperparameters(lr, betas, eps)
+        bnb_functional()  # a missing extra is named here, not at the first step
         self.rule = AdamW8bitRule()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         min_8bit_size=min_8bit_size, **galore_options)

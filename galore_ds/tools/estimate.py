@@ -35,6 +35,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from galore_ds.core.adamw8bit import UPDATE_CHUNK
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adam8bit", "galore", "galore8bit")
 CONFIG_OPTIMIZER = {"adamw": "adamw", "galore_adamw": "galore", "galore_adamw8bit": "galore8bit",
@@ -132,7 +134,8 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
 
     device="cpu" adds bitsandbytes' CPU 8-bit kernel temporaries (it dequantises the states
     of one tensor to fp32: m, v, grad, weight, sqrt(v), denominator and quantisation scratch,
-    about 6.5 fp32 copies of the largest 8-bit tensor); the CUDA kernel is fused.
+    about 6.5 fp32 copies of the largest 8-bit tensor, or of UPDATE_CHUNK elements: the update
+    runs in chunks); the CUDA kernel is fused.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
@@ -215,7 +218,7 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     else:
         t = 0.0
     if device == "cpu" and optimizer in ("adam8bit", "galore8bit"):
-        t += 6.5 * 4 * max(max_other, big_low)
+        t += 6.5 * 4 * min(max(max_other, big_low), UPDATE_CHUNK)  # the kernel runs in chunks
     # under ZeRO-1+ the optimizer only updates this rank's partition
     parts["transients"] = t / shard_states
     first = s.vocab_size * h * wb

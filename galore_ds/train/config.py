@@ -11,6 +11,7 @@ as-is and engine.fsdp), checkpoint, logging. Keys starting with "_" are comments
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import typing
@@ -125,16 +126,18 @@ class FSDPConfig:
     param_dtype: str = "float32"
     reduce_dtype: str = "float32"
     replicate: int = 1                # HSDP: replicas (1 = plain FSDP)
-    layerwise: bool = False           # per-layer updates inside backward (FSDPLayerwiseOptimizer)
+    layerwise: bool = False           # per-layer updates inside backward (galore_ds.LayerwiseOptimizer on the FSDP2 shards)
 
 
 @dataclass
 class DDPConfig:
     layerwise: bool = False           # per-layer updates inside backward (the 24 GB mode on every rank)
     bucket_mb: float = 25.0           # projected gradients are averaged in buckets of this size
-    # per-layer only: "float64" accumulates and averages gradients in fp64, so a step's sum does
-    # not depend on how its micro-batches are spread over ranks (elastic resume on another world
-    # size then continues bit-for-bit as far as fp32 allows); "float32" sends half the bytes
+    # what the averaged gradients travel as. "float32": exact to rounding. "bfloat16": half the
+    # bytes, the sum over ranks rounded to bf16 (DDP's bf16 compression). "float64" (per-layer
+    # only): gradients accumulated and averaged in fp64, so a step's sum does not depend on how
+    # its micro-batches are spread over ranks (elastic resume on another world size continues
+    # bit-for-bit as far as fp32 allows), at twice the bytes
     reduce_dtype: str = "float32"
 
 
@@ -161,6 +164,9 @@ class LoggingConfig:
     run_dir: str = "runs/default"
     log_every: int = 1
     progress_bar: bool = True
+    tensorboard: bool = False         # event files under <run_dir>/tensorboard (the tensorboard package)
+    wandb: str = "off"                # off | offline (no network; `wandb sync` later) | online
+    wandb_project: str = "galore_ds"
 
 
 @dataclass
@@ -344,6 +350,9 @@ def load_json(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Semantic checks
 # ----------------------------------------------------------------------------------------------
+WANDB_MODES = ("off", "offline", "online")
+
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(key, f"{value!r} is not one of {list(choices)}", f"set {key} to one of {list(choices)}")
@@ -514,7 +523,7 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
                           "use a galore_* optimizer (galore.enabled=false gives their full-rank rule), or "
                           "engine.mode=fsdp/deepspeed for the AdamW baseline")
     _positive("engine.ddp.bucket_mb", e.ddp.bucket_mb)
-    _choice("engine.ddp.reduce_dtype", e.ddp.reduce_dtype, ("float32", "float64"))
+    _choice("engine.ddp.reduce_dtype", e.ddp.reduce_dtype, ("float32", "float64", "bfloat16"))
     if e.ddp.reduce_dtype == "float64" and not e.ddp.layerwise:
         raise ConfigError("engine.ddp.reduce_dtype", "float64 accumulation needs the per-layer hooks",
                           "set engine.ddp.layerwise=true, or keep reduce_dtype=float32")
@@ -528,6 +537,12 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
         raise ConfigError("checkpoint.resume", f"{c.resume!r} is not a checkpoint directory",
                           "use \"latest\", null, or a <checkpoint.dir>/step-* path")
     _positive("logging.log_every", lg.log_every)
+    _choice("logging.wandb", lg.wandb, WANDB_MODES)
+    for key, on, package in (("logging.tensorboard", lg.tensorboard, "tensorboard"),
+                             ("logging.wandb", lg.wandb != "off", "wandb")):
+        if on and importlib.util.find_spec(package) is None:
+            raise ConfigError(key, f"needs the {package} package, which is not installed",
+                              f"pip install {package} (or 'galore_ds[train]'), or switch {key} off")
     if not lg.run_dir:
         raise ConfigError("logging.run_dir", "is empty", "set a directory, e.g. runs/tiny")
     return cfg

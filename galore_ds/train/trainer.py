@@ -52,13 +52,15 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
     engine.setup(build_model(cfg.model, seed=t.seed, meta=meta))
 
     # ---- resume -----------------------------------------------------------------------------
-    ckpt_root, start_step = cfg.checkpoint_dir, 0
+    ckpt_root, start_step, resume_s = cfg.checkpoint_dir, 0, None
     if cfg.checkpoint.resume:
         found = checkpoint.resolve(ckpt_root, cfg.checkpoint.resume)
         if found is not None:
             faults.check_resume(found, cfg)  # incomplete, or another model's: one-line error, exit 2
+            started = time.perf_counter()
             with faults.load_errors(found):
                 state = checkpoint.load(found, engine)
+            resume_s = time.perf_counter() - started
             engine.apply_recipe()  # lr, schedule, betas, decay, clip: this recipe's (docs/resume.md)
             start_step = int(state["step"])
             loader.load_state_dict(state["data"])
@@ -66,7 +68,8 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
             print(f"checkpoint.resume: no checkpoint under {ckpt_root}; starting from step 0", flush=True)
 
     run_dir = Path(lg.run_dir)
-    log = MetricsLogger(run_dir, is_main, t.steps, start_step, lg.progress_bar)
+    log = MetricsLogger(run_dir, is_main, t.steps, start_step, lg.progress_bar, tensorboard=lg.tensorboard,
+                        wandb=lg.wandb, wandb_project=lg.wandb_project, config=cfg.to_dict())
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -74,10 +77,14 @@ def train(cfg: Config, dist: DistEnv, engine: Optional[Engine] = None) -> dict[s
                   f"world={dist.world_size}, accumulation={cfg.accumulation(dist.world_size)}, "
                   f"train={train_desc} x {cfg.data.seq_len} tokens, eval={len(eval_ds)} seqs, "
                   f"vocab={tok.vocab_size}")
+    if resume_s is not None:
+        log.log({"step": start_step, "resume_s": resume_s})
 
     def save(step: int) -> Path:
         state = {"step": step, "data": loader.state_dict(), "config": json.dumps(cfg.to_dict())}
+        started = time.perf_counter()
         path = checkpoint.save(ckpt_root, step, engine, state, cfg.checkpoint.keep_last)
+        log.log({"step": step, "checkpoint_s": time.perf_counter() - started})
         log.write(f"saved checkpoint {path}")
         return path
 

@@ -27,6 +27,7 @@ Contract (all engines):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -34,7 +35,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 if TYPE_CHECKING:  # keep this module cheap to import
     import torch
@@ -117,6 +118,24 @@ class Engine(ABC):
         """The (unwrapped) model, e.g. for exporting weights."""
 
     # ------------------------------------------------------------------ shared
+    def accumulate_and_step(self, micro_batches: list[dict[str, "torch.Tensor"]],
+                            hold_reduction: Callable[[bool], ContextManager] | None = None) -> tuple[float, StepResult]:
+        """A step-time step: backward of every micro-batch (loss / n: equal-length packed
+        sequences, so the mean of means is the mean), then one optimizer + scheduler step.
+        `hold_reduction(is_last)` is the context each backward runs in (DDP's no_sync, FSDP2's
+        gradient-sync switch): gradients cross ranks once, at the last micro-batch.
+        Returns (this rank's loss sum, the result with loss still to fill)."""
+        n = len(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, mb in enumerate(micro_batches):
+            with hold_reduction(i == n - 1) if hold_reduction else contextlib.nullcontext():
+                loss = self.forward_loss(mb)
+                (loss / n).backward()
+            total += float(loss.detach())
+        lr = self.optimizer.param_groups[0]["lr"]
+        return total, StepResult(loss=0.0, grad_norm=self.optimizer_step(), lr=lr)
+
     def optimizer_step(self) -> float:
         """One optimizer + scheduler step; a NaN/Inf gradient changes no state (counted)."""
         from galore_ds.train.optim import clip_full_gradients, is_galore

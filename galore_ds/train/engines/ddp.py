@@ -57,14 +57,16 @@ class DDPEngine(Engine):
         self.scheduler = warmup_cosine(self.optimizer, self.cfg)
         self.layerwise = None
         self._ddp = None
+        wire = getattr(torch, self.cfg.engine.ddp.reduce_dtype)
         if per_layer:
             self.layerwise = layerwise_for(self, self.optimizer, self.scheduler,
-                                           accum_dtype=getattr(torch, self.cfg.engine.ddp.reduce_dtype))
+                                           accum_dtype=torch.float64 if wire == torch.float64 else torch.float32,
+                                           reduce_dtype=wire if wire == torch.bfloat16 else None)
             self.layerwise.bucket_numel = int(self.cfg.engine.ddp.bucket_mb * 2**20 // 4)
         elif group is not None:
             self._ddp = nn.parallel.DistributedDataParallel(
                 self._module, bucket_cap_mb=self.cfg.engine.ddp.bucket_mb)
-            self._ddp.register_comm_hook(LowRankHookState(self.optimizer), lowrank_comm_hook)
+            self._ddp.register_comm_hook(LowRankHookState(self.optimizer, reduce_dtype=wire), lowrank_comm_hook)
 
     @property
     def model(self) -> nn.Module:
@@ -79,16 +81,8 @@ class DDPEngine(Engine):
         if self.layerwise is not None:
             total, result = layerwise_step(self, self.layerwise, micro_batches)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for i, mb in enumerate(micro_batches):
-                sync = self._ddp is None or i == n - 1
-                with self._ddp.no_sync() if not sync else contextlib.nullcontext():
-                    loss = self.forward_loss(mb)
-                    (loss / n).backward()
-                total += float(loss.detach())
-            lr = self.optimizer.param_groups[0]["lr"]
-            result = StepResult(loss=0.0, grad_norm=self.optimizer_step(), lr=lr)
+            total, result = self.accumulate_and_step(
+                micro_batches, lambda last: self._ddp.no_sync() if self._ddp and not last else contextlib.nullcontext())
         result.loss = self.mean_over_ranks(total, n)
         result.extra["skipped_steps"] = self.skipped_steps
         return result
@@ -106,7 +100,9 @@ class DDPEngine(Engine):
         torch.save(state, Path(directory) / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
+        # mmap: a 7B checkpoint is paged in as it is copied, not held twice in memory
+        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True,
+                        mmap=torch.device(self.device).type == "cpu")
         self._module.load_state_dict(sd["model"])
         if self.layerwise is not None:
             self.layerwise.load_state_dict(sd["layerwise"])

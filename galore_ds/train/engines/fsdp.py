@@ -24,6 +24,8 @@ placements (galore_ds/layouts).
 """
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +111,15 @@ class FSDPEngine(Engine):
             # then projected and freed by its hook (no unsharded gradient kept across them)
             total, result = layerwise_step(self, self.layerwise, micro_batches)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for i, mb in enumerate(micro_batches):
-                self._model.set_requires_gradient_sync(i == n - 1)
-                loss = self.forward_loss(mb)
-                (loss / n).backward()
-                total += float(loss.detach())
-            lr = self.optimizer.param_groups[0]["lr"]
-            result = StepResult(loss=0.0, grad_norm=self.optimizer_step(), lr=lr)
+            total, result = self.accumulate_and_step(micro_batches, self._gradient_sync)
         result.loss = self.mean_over_ranks(total, n)
         result.extra.update({"galore_comm_bytes": COMM.total_bytes(), "skipped_steps": self.skipped_steps})
         return result
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """FSDP2 reduce-scatters gradients only at the last micro-batch of a step."""
+        self._model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def after_eval(self) -> None:
         # An eval forward leaves the root's parameters gathered (FSDP2 keeps the root unsharded

@@ -20,7 +20,8 @@ from galore_ds.train.engines.base import StepResult
 from galore_ds.train.engines.single import SingleEngine
 
 
-def layerwise_for(engine, optimizer, scheduler, accum_dtype: torch.dtype = torch.float32) -> LayerwiseOptimizer:
+def layerwise_for(engine, optimizer, scheduler, accum_dtype: torch.dtype = torch.float32,
+                  reduce_dtype: torch.dtype | None = None) -> LayerwiseOptimizer:
     """The recipe's per-layer wrapper. Exact clipping (or accumulation) defers the updates to
     the end of backward, which is also what lets a NaN/Inf step be dropped whole; without
     either (no clipping, or training.clip_timing=delayed) updates run inside the hooks (least
@@ -33,7 +34,8 @@ def layerwise_for(engine, optimizer, scheduler, accum_dtype: torch.dtype = torch
     optimizer.max_grad_norm = None  # the per-layer wrapper clips (the optimizer's step never runs)
     return LayerwiseOptimizer(optimizer, accumulation_steps=engine.accumulation,
                               max_grad_norm=t.grad_clip if t.grad_clip > 0 else None,
-                              clip_timing=t.clip_timing, lr_scheduler=scheduler, accum_dtype=accum_dtype)
+                              clip_timing=t.clip_timing, lr_scheduler=scheduler, accum_dtype=accum_dtype,
+                              reduce_dtype=reduce_dtype)
 
 
 def layerwise_step(engine, lw: LayerwiseOptimizer, micro_batches) -> tuple[float, StepResult]:
@@ -74,7 +76,9 @@ class LayerwiseEngine(SingleEngine):
                    Path(directory) / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
+        # mmap: a 7B checkpoint is paged in as it is copied, not held twice in memory
+        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True,
+                        mmap=torch.device(self.device).type == "cpu")
         self._model.load_state_dict(sd["model"])
         self.layerwise.load_state_dict(sd["layerwise"])
         self.skipped_steps = self.layerwise.skipped_steps

@@ -31,16 +31,10 @@ class SingleEngine(Engine):
         return self._model
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        n = len(micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for mb in micro_batches:
-            loss = self.forward_loss(mb)
-            (loss / n).backward()  # equal-length packed sequences: mean of means is the mean
-            total += loss.item()
-        lr = self.optimizer.param_groups[0]["lr"]
-        norm = self.optimizer_step()
-        return StepResult(loss=total / n, grad_norm=norm, lr=lr, extra={"skipped_steps": self.skipped_steps})
+        total, result = self.accumulate_and_step(micro_batches)
+        result.loss = total / len(micro_batches)
+        result.extra["skipped_steps"] = self.skipped_steps
+        return result
 
     def save(self, directory: Path) -> None:
         torch.save({"model": self._model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -48,7 +42,9 @@ class SingleEngine(Engine):
                    Path(directory) / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True)
+        # mmap: a 7B checkpoint is paged in as it is copied, not held twice in memory
+        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True,
+                        mmap=torch.device(self.device).type == "cpu")
         self._model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])

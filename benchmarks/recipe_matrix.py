@@ -1,0 +1,89 @@
+"""The recipe matrix's full product (CI runs the pairwise cover: tests/test_recipe_matrix.py).
+
+    python benchmarks/recipe_matrix.py --count            # how many cases the config accepts
+    python benchmarks/recipe_matrix.py --sample 120       # a seeded uniform sample of them
+    python benchmarks/recipe_matrix.py --shard 3/40       # every 40th accepted case from the 3rd
+
+Each accepted case trains 4 steps through launch/train.py's loop (eval and checkpoint at step
+2), resumes from step 2 on the same or the other world size, and must log the uninterrupted
+run's losses (tests/matrix.py: bit-identical on the same world size; 1e-4, bf16 2e-2, 8-bit 1e-2
+on another). Cases are grouped into one process group per launcher and world size. Writes
+benchmarks/results/recipe_matrix.json: every case's verdict, and the counts per factor value.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import matrix  # noqa: E402
+from netutil import free_port  # noqa: E402
+
+
+def accepted() -> list[dict]:
+    names = list(matrix.FACTORS)
+    cases = (dict(zip(names, vals)) for vals in itertools.product(*matrix.FACTORS.values()))
+    return [c for c in cases if matrix.valid(c)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", action="store_true", help="count the accepted cases and stop")
+    p.add_argument("--sample", type=int, help="run a seeded uniform sample of this many cases")
+    p.add_argument("--shard", help="i/n: run every n-th accepted case from the i-th")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe_matrix.json"))
+    args = p.parse_args()
+    total = 1
+    for values in matrix.FACTORS.values():
+        total *= len(values)
+    cases = accepted()
+    print(f"{len(cases)} of {total} combinations are accepted by the config", flush=True)
+    if args.count:
+        return 0
+    if args.sample:
+        cases = random.Random(args.seed).sample(cases, min(args.sample, len(cases)))
+    elif args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        cases = cases[i::n]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, results = Path(tmp), {}
+        for kind, world, jobs in matrix.plan(cases, root / "runs", root / "cache"):
+            print(f"{kind} x{world}: {len(jobs)} jobs", flush=True)
+            results.update(matrix.launch(kind, world, jobs, root / "launch", free_port(), timeout=6 * 3600))
+    verdicts = []
+    for case in cases:
+        name = matrix.case_name(case)
+        run, resume = results.get(f"{name}/run"), results.get(f"{name}/resume")
+        if not (run and resume and run.get("ok") and resume.get("ok")):
+            error = (run or {}).get("error") or (resume or {}).get("error") or "did not run"
+            verdicts.append({**case, "ok": False, "detail": str(error)[:300]})
+            continue
+        ok, worst, detail = matrix.compare(case, run, resume)
+        verdicts.append({**case, "ok": ok, "worst_rel_loss_diff": worst, "detail": detail})
+    by_value = {k: {str(v): [sum(1 for c in verdicts if c[k] == v and c["ok"]),
+                             sum(1 for c in verdicts if c[k] == v)] for v in values}
+                for k, values in matrix.FACTORS.items()}
+    doc = {"accepted": len(accepted()), "combinations": total, "ran": len(verdicts),
+           "passed": sum(c["ok"] for c in verdicts), "selection": vars(args),
+           "wall_s": round(time.perf_counter() - started, 1),
+           "passed_of_ran_by_factor_value": by_value,
+           "failures": [c for c in verdicts if not c["ok"]], "cases": verdicts}
+    Path(args.out).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"{doc['passed']}/{doc['ran']} passed in {doc['wall_s']} s; wrote {args.out}")
+    for c in doc["failures"][:20]:
+        print("FAIL", matrix.case_name(c), c["detail"])
+    return 0 if not doc["failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""torchtitan: the GaLore optimizers as a torchtitan optimizers container.
+
+    import functools
+    from galore_ds.integrations.torchtitan import build_galore_optimizers
+    spec = dataclasses.replace(get_train_spec("llama3"),
+                               build_optimizers_fn=functools.partial(build_galore_optimizers,
+                                                                     galore=dict(rank=256, update_proj_gap=200)))
+    register_train_spec(spec)   # then train with that spec's name as usual
+
+`build_galore_optimizers` has torchtitan's `build_optimizers` signature (model_parts,
+optimizer_config, parallel_dims, ft_manager); lr, beta1/beta2, eps and weight_decay come from
+the job's [optimizer] section, and its name picks the class (AdamW, AdamW8bit, Adafactor).
+GaLore groups are built by module name (default targets: torchtitan's LLaMA `attention` and
+`feed_forward`), one optimizer per model part, each reading the FSDP2/HSDP placements of its
+parameters. The container is Stateful like torchtitan's: state_dict() is DCP's flattened
+optimizer state keyed by parameter name (get_optimizer_state_dict), so checkpoints reshard.
+DCP first creates the state of a fresh optimizer with a zero-gradient, lr-0 step; the GaLore
+optimizers recognise it and create placeholders only (no projector from zeros, step stays 0).
+Keys torchtitan may put in groups or kwargs (fused, foreach, param_names) are accepted.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from galore_ds.core.groups import param_groups
+from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor}
+TORCHTITAN_TARGETS = ("attention", "feed_forward")
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class GaLoreOptimizersContainer(torch.optim.Optimizer, Stateful):
+    """One GaLore optimizer per model part behind torchtitan's container interface."""
+
+    def __init__(self, model_parts: list[nn.Module], optimizer_cls: type[GaLoreOptimizer],
+                 optimizer_kwargs: dict[str, Any], galore: dict[str, Any]) -> None:
+        galore = dict(galore)
+        targets = tuple(galore.pop("target_modules", TORCHTITAN_TARGETS))
+        decay = optimizer_kwargs.get("weight_decay", 0.0)
+        kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("fused", "foreach", "implementation")}
+        self.model_parts = model_parts
+        self.optimizers = [optimizer_cls(param_groups(part, target_modules=targets, weight_decay=decay, **galore),
+                                         **kwargs) for part in model_parts]
+        # torchtitan's container calls Optimizer.__init__ too (hooks); its schedulers step the
+        # optimizers it iterates over, so the groups here are only a view of theirs
+        torch.optim.Optimizer.__init__(self, [p for part in model_parts for p in part.parameters()
+                                              if p.requires_grad], dict(kwargs))
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    def __len__(self) -> int:
+        return len(self.optimizers)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        for opt in self.optimizers:
+            opt.step(*args, **kwargs)
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for part, opt in zip(self.model_parts, self.optimizers)
+                for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, opt in zip(self.model_parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=_FLAT)
+
+
+def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: Any = None,
+                            ft_manager: Any = None, *, galore: dict[str, Any] | None = None) -> GaLoreOptimizersContainer:
+    """torchtitan's build_optimizers, for GaLore (see the module docstring). `galore`: rank,
+    update_proj_gap, scale, proj_type, target_modules and the GaLore options (refresh, ...)."""
+    name = getattr(optimizer_config, "name", "AdamW")
+    if name not in NAMES:
+        raise ValueError(f"optimizer.name={name!r}: galore_ds provides {sorted(NAMES)}")
+    if getattr(optimizer_config, "early_step_in_backward", False):
+        raise ValueError("optimizer.early_step_in_backward: use galore_ds.LayerwiseOptimizer for per-layer "
+                         "GaLore updates (one optimizer per parameter would refresh each projector alone)")
+    if ft_manager is not None and getattr(ft_manager, "enabled", False):
+        raise ValueError("torchft: not supported by the GaLore container; disable fault_tolerance")
+    kwargs: dict[str, Any] = {"lr": optimizer_config.lr, "weight_decay": getattr(optimizer_config, "weight_decay", 0.0)}
+    if NAMES[name] is not GaLoreAdafactor:
+        kwargs.update(betas=(getattr(optimizer_config, "beta1", 0.9), getattr(optimizer_config, "beta2", 0.95)),
+                      eps=getattr(optimizer_config, "eps", 1e-8))
+    return GaLoreOptimizersContainer(model_parts, NAMES[name], kwargs, galore or {})
+
+
+__all__ = ["GaLoreOptimizersContainer", "build_galore_optimizers"]
