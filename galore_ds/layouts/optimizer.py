@@ -358,7 +358,9 @@ class GaLoreOptimizer(Optimizer):
                       for p in g["params"] if p.grad is not None)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # a rank holding empty shards sees zeros either way: decide together
-            flag = torch.tensor([float(nonzero)])
+            # on the parameters' device: NCCL reduces only CUDA tensors
+            device = local_tensor(self.param_groups[0]["params"][0]).device
+            flag = torch.tensor([float(nonzero)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             nonzero = bool(flag.item())
         return not nonzero
