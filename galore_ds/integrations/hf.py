@@ -156,6 +156,12 @@ class GaLoreTrainer(Trainer):
         """Several ranks with neither FSDP nor DeepSpeed: galore_ds averages low-rank gradients."""
         return self.args.world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
 
+    @property
+    def _max_grad_norm(self) -> float | None:
+        """TrainingArguments.max_grad_norm as the optimizers take it (None: no clipping)."""
+        clip = self.args.max_grad_norm
+        return clip if clip and clip > 0 else None
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer
@@ -166,9 +172,8 @@ class GaLoreTrainer(Trainer):
         hyper: dict[str, Any] = {"lr": a.learning_rate, "weight_decay": a.weight_decay}
         if g.optimizer != "adafactor":
             hyper.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
-        clip = a.max_grad_norm if a.max_grad_norm and a.max_grad_norm > 0 else None
         if not g.layerwise:
-            hyper["max_grad_norm"] = clip
+            hyper["max_grad_norm"] = self._max_grad_norm
         if g.layerwise and self._replicated:
             hyper["reduce_group"] = dist.group.WORLD  # gradients are per-rank contributions
         self._galore_optimizer = OPTIMIZERS[g.optimizer](groups, **hyper)
@@ -193,12 +198,11 @@ class GaLoreTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._per_layer is not None and self._per_layer.layerwise is None:
-            clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
             # built here, after Accelerate/FSDP have put the final parameters in place: the
             # per-parameter hooks must sit on the tensors backward will produce
             self._per_layer.attach(LayerwiseOptimizer(self._galore_optimizer,
                                                      accumulation_steps=self.args.gradient_accumulation_steps,
-                                                     max_grad_norm=clip))
+                                                     max_grad_norm=self._max_grad_norm))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._per_layer is not None:
             self._per_layer.layerwise.step()
