@@ -31,9 +31,24 @@ def _load_config_module():
     return mod
 
 
+#: how long a rank other than 0 waits before it prints its error and exits (seconds)
+OTHER_RANK_GRACE_S = 5.0
+
+
 def fail(message: str, rank: int = 0) -> "NoReturn":  # noqa: F821
-    if rank == 0:  # every rank finds the same problem; one line is enough
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    """Print one line and exit 2.
+
+    Every rank usually finds the same problem, and one line is enough: rank 0 prints it at once.
+    Another rank waits first, because a launcher (deepspeed, torchrun, mpirun) kills every rank
+    as soon as one exits non-zero: had it exited at once, rank 0 could be killed before printing.
+    If it is still alive after the wait, rank 0 did not fail the same way (the problem is this
+    rank's own), so it prints the line itself, naming its rank."""
+    if rank != 0:
+        import time
+
+        time.sleep(OTHER_RANK_GRACE_S)
+        message = f"{message} (rank {rank})"
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
