@@ -134,3 +134,80 @@ def test_bf16_projector_storage_changes_no_weight(monkeypatch):
     fp32_weights, opt = run()
     assert {s["proj"].dtype for s in opt.state.values() if "proj" in s} == {torch.float32}
     assert all(torch.equal(a, b) for a, b in zip(bf16_weights, fp32_weights))
+
+
+@pytest.mark.parametrize("refresh", ["svd", "randomized"])
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dcp_resume_is_bit_identical_although_dcp_loads_row_major_tensors(tmp_path, proj_type, refresh, dtype):
+    """torch.distributed.checkpoint (FSDP, torchtitan) loads into freshly allocated row-major
+    tensors; a projector's layout changes a matmul's rounding, so the optimizer keeps one
+    layout whatever it is handed. 8 steps straight == 4, DCP save, fresh model, DCP load, 4
+    (refreshes at 0, 3 and 6; moments re-projected at each)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def make(model):
+        groups = galore_ds.param_groups(model, rank=8, update_proj_gap=3, proj_type=proj_type)
+        return galore_ds.GaLoreAdamW(groups, lr=1e-2, refresh=refresh, moments="reproject")
+
+    straight = tiny_llama().to(dtype)
+    opt = make(straight)
+    for step in range(8):
+        train_step(straight, opt, step)
+
+    first = tiny_llama().to(dtype)
+    opt1 = make(first)
+    for step in range(4):
+        train_step(first, opt1, step)
+    dcp.save({"model": first.state_dict(), "optim": get_optimizer_state_dict(first, opt1)},
+             checkpoint_id=str(tmp_path / "ckpt"))
+
+    resumed = tiny_llama(seed=123).to(dtype)
+    opt2 = make(resumed)
+    state = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, opt2)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    resumed.load_state_dict(state["model"])
+    set_optimizer_state_dict(resumed, opt2, state["optim"])
+    for step in range(4, 8):
+        train_step(resumed, opt2, step)
+    for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{n} differs after a DCP resume"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_world_size_free_checkpoint_gives_back_each_moment_in_its_own_dtype(tmp_path, name):
+    """The FSDP engine's checkpoint (layouts/checkpoint.py: DCP, any world size) on bf16
+    weights: the rule keeps a norm's AdamW moments in bf16 and a GaLore matrix's in fp32; a
+    moment loaded back in another dtype rounds differently, so the resumed run drifts (it
+    did: fp32 placeholders made the FSDP bf16 resume differ at its second step)."""
+    import torch.distributed.checkpoint as dcp
+
+    from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict
+
+    def make(model):
+        return _make(name, model, refresh="randomized")
+
+    straight = tiny_llama().to(torch.bfloat16)
+    opt = make(straight)
+    for step in range(8):
+        train_step(straight, opt, step)
+
+    first = tiny_llama().to(torch.bfloat16)
+    opt1 = make(first)
+    for step in range(4):
+        train_step(first, opt1, step)
+    dcp.save(dcp_state_dict(first, opt1), checkpoint_id=str(tmp_path / "ckpt"))
+
+    resumed = tiny_llama(seed=123).to(torch.bfloat16)
+    opt2 = make(resumed)
+    dcp_load(resumed, opt2, str(tmp_path / "ckpt"))
+    saved = {n: opt1.state[p] for n, p in first.named_parameters()}
+    for n, p in resumed.named_parameters():
+        for key, value in saved[n].items():
+            if torch.is_tensor(value):
+                assert opt2.state[p][key].dtype == value.dtype, f"{n}.{key}"
+    for step in range(4, 8):
+        train_step(resumed, opt2, step)
+    for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{n} differs after the resume"

@@ -109,6 +109,16 @@ def basis_to_proj(basis: torch.Tensor, side: Side) -> torch.Tensor:
     return basis if side == "right" else basis.t()
 
 
+def stored_layout(proj: torch.Tensor) -> torch.Tensor:
+    """The one memory layout projectors are kept in: column-major (`proj.t()` contiguous).
+
+    A matmul's rounding depends on its operands' layout, so a projector must have the same
+    layout after a checkpoint load (DCP and placeholders hand back row-major tensors) as
+    before it, or a resumed run is not bit-identical. Column-major is LAPACK's own layout
+    (U[:, :r] and Vh[:r] of torch.linalg.svd on CPU), the one galore-torch projects with."""
+    return proj if proj.t().is_contiguous() else proj.t().contiguous().t()
+
+
 def proj_to_basis(proj: torch.Tensor, side: Side) -> torch.Tensor:
     """Stored projector -> basis rows (r, dim)."""
     return proj if side == "right" else proj.t()

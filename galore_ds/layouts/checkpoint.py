@@ -268,8 +268,8 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
         if e.galore:
             m, n = e.layout.shape
             r = e.group["rank"]
-            st["proj"] = torch.zeros((r, n) if e.side == "right" else (m, r),
-                                     dtype=pj.storage_dtype(e.p_local.dtype), device=device)
+            st["proj"] = pj.stored_layout(torch.zeros((r, n) if e.side == "right" else (m, r),
+                                                      dtype=pj.storage_dtype(e.p_local.dtype), device=device))
             st["proj_right"] = torch.tensor(e.side == "right")
             st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
         keys = _rule_keys(opt, e)
@@ -280,7 +280,10 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
             raw, reads = _plan_8bit(opt, e, name, keys["exp_avg"], shards_saved, saved, optim)
             keys = {}
         for key, shape in keys.items():
-            t = torch.zeros(shape, device=device)
+            # the saved dtype: the rule keeps some moments in the weights' dtype (AdamW's on a
+            # bf16 norm), and a moment that comes back in another dtype rounds differently
+            dtype = saved.get(f"optim.{name}.{key}", (None, torch.float32))[1]
+            t = torch.zeros(shape, device=device, dtype=dtype)
             where = place(e, key, t)
             split = where.dim is not None and e.layout.group is not None
             st[key] = _dtensor_like(t, e.param, where) if split else t

@@ -180,7 +180,7 @@ class GaLoreOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
         moments for bf16 weights, so saved tensors are re-installed with their saved dtype
-        (moved to the parameter's device only)."""
+        (moved to the parameter's device only), and projectors in their stored layout."""
         extra = state_dict.get("galore", {})
         self.next_clip_coef = float(extra.get("next_clip_coef", 1.0))
         super().load_state_dict(state_dict)
@@ -189,8 +189,8 @@ class GaLoreOptimizer(Optimizer):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
                     if torch.is_tensor(value):
-                        device = local_tensor(p).device
-                        self.state[p][key] = value.to(device=device, copy=True)
+                        value = value.to(device=local_tensor(p).device, copy=True)
+                        self.state[p][key] = pj.stored_layout(value) if key == "proj" else value
 
     # ------------------------------------------------------------------ layouts
     def layout_of(self, p: torch.Tensor) -> Layout:
@@ -488,9 +488,7 @@ class GaLoreOptimizer(Optimizer):
                 self.rule.rotate(state, pj.rotation(old, basis), side == "right")
             elif policy == "reset":
                 self.rule.reset(state)
-        # No .contiguous(): with signs="lapack" the projector keeps LAPACK's memory layout,
-        # as galore-torch's does, because the matmul's rounding depends on it.
-        state["proj"] = pj.basis_to_proj(basis.to(pj.storage_dtype(e.p_local.dtype)), side)
+        state["proj"] = pj.stored_layout(pj.basis_to_proj(basis.to(pj.storage_dtype(e.p_local.dtype)), side))
         state["proj_right"] = side == "right"
         self.galore_stats["refreshes"] += 1
 

@@ -64,8 +64,14 @@ class DDPEngine(Engine):
                                            reduce_dtype=wire if wire == torch.bfloat16 else None)
             self.layerwise.bucket_numel = int(self.cfg.engine.ddp.bucket_mb * 2**20 // 4)
         elif group is not None:
+            # find_unused_parameters: DDP then keeps its first bucket layout instead of
+            # rebuilding it in gradient-ready order after its first iteration (torch's reducer:
+            # should_rebuild_buckets). A rebuild makes a resumed run's first step sum in another
+            # layout than the uninterrupted run's, and with 3+ ranks a ring all-reduce rounds by
+            # position: the resume would not be bit-identical. Cost: one walk of the autograd
+            # graph and one all-reduce of a used-parameter bitmap (one int per tensor) per step.
             self._ddp = nn.parallel.DistributedDataParallel(
-                self._module, bucket_cap_mb=self.cfg.engine.ddp.bucket_mb)
+                self._module, bucket_cap_mb=self.cfg.engine.ddp.bucket_mb, find_unused_parameters=True)
             self._ddp.register_comm_hook(LowRankHookState(self.optimizer, reduce_dtype=wire), lowrank_comm_hook)
 
     @property
