@@ -102,11 +102,17 @@ def torchrun(args, script: list[str]) -> None:
 
 def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_rank: int = 0) -> dict:
     """One 4-rank run (read back when the same recipe already finished)."""
-    run_dir = Path(args.run_root) / name
+    run_dir = Path(args.run_root) / f"{name.replace(' ', '_')}_lr{lr:g}"
     rec = quality.recipe(args, run_dir, "adamw" if method == "powersgd" else method, lr, scale, args.seed)
-    rec["training"]["micro_batch"] = args.batch // args.world   # the same global batch, one micro-batch
+    micro = args.batch // args.world
+    rec["training"]["micro_batch"] = micro   # the same global batch, one micro-batch per rank
+    # the eval set is the first eval_batches x micro_batch sequences: the single run's set
+    rec["training"]["eval_batches"] = args.eval_batches * args.batch // micro
     rec["logging"]["log_every"] = 1                             # every step's comm_bytes
     rec["engine"] = {"mode": "ddp"}
+    if method == "powersgd":  # the ddp engine's config takes AdamW as GaLoreAdamW's full-rank rule
+        rec["training"]["optimizer"], rec["galore"]["enabled"] = "galore_adamw", False
+        rec["galore"]["scale"] = 1.0  # unused without GaLore matrices; validation wants it positive
     key = {"recipe": rec, "psgd_rank": psgd_rank}
     done, metrics = run_dir / "done.json", run_dir / "metrics.jsonl"
     if not (done.is_file() and json.loads(done.read_text()) == key and metrics.is_file()):
@@ -144,7 +150,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         mb = r.get("comm_bytes_per_step", 0.0) / 2**20
         label = f"{r['name']} (lr {r['lr']:g}" + (f", {mb:.2f} MiB/step sent" if mb else "") + ")"
-        ax.plot([t for t, _ in r["curve"]], [p for _, p in r["curve"]], "o-", label=label,
+        ax.plot([t for t, _ in r["curve"]], [p for _, p in r["curve"]], marker="o", label=label,
                 linestyle="--" if r["name"] == "galore single process" else "-")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("eval perplexity (WikiText-2 test)")
@@ -192,6 +198,8 @@ def main() -> None:
                   "machine": platform.machine(), "wall_s": round(time.perf_counter() - started, 1),
                   "powersgd": "torch powerSGD_hook: error feedback, warm start, start_powerSGD_iter 2, "
                               "min_compression_rate 2 (every 2-D tensor incl. embeddings)"},
+        # benchmarks/comm.py: bytes each rank puts on the wire (a ring all-reduce sends
+        # 2(W-1)/W of its payload); metrics' comm_bytes (runs[].comm_bytes_per_step) is the payload
         "bytes_per_step_predicted": {"galore": galore_bytes, "powersgd": table[psgd_rank],
                                      "powersgd_rank": psgd_rank,
                                      "ddp_full": comm.predicted_bytes(shapes(args), 0, args.world, "ddp").average(args.steps)},
