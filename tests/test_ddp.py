@@ -157,3 +157,31 @@ def test_elastic_run_loses_a_node_and_gains_one_and_ends_as_the_uninterrupted_ru
     b = torch.load(ckpt / "step-0000008" / "engine.pt", weights_only=True)["model"]
     worst = max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-30)) for k in a)
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_finished_run_leaves_no_gloo_thread_to_abort_at_exit(layerwise, tmp_path):
+    """Engine.close joins gloo's worker threads: alive into interpreter exit, one that frees a
+    collective's tensors just then is killed inside a destructor and a finished run exits with
+    SIGABRT (the per-layer ddp engine did so in ~1 of 3 runs while its hooks kept the group)."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "threads"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist" / "close_worker.py"), str(out),
+           "--config", str(ROOT / "configs" / "tiny.json")]
+    for s in ["engine.mode=ddp", f"engine.ddp.layerwise={str(layerwise).lower()}", "training.steps=2",
+              "training.warmup_steps=1", "training.eval_every=0", "checkpoint.every=0",
+              "checkpoint.save_final=false", "logging.progress_bar=false", f"logging.run_dir={tmp_path / 'run'}",
+              f"data.cache_dir={tmp_path / 'cache'}"]:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for rank in range(2):
+        res = json.loads(out.with_suffix(f".{rank}.json").read_text())
+        assert res["code"] == 0
+        assert not [t for t in res["threads"] if "gloo" in t], f"rank {rank}: {res['threads']}"

@@ -262,14 +262,34 @@ class Engine(ABC):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    # What keeps the process group alive after destroy_process_group: the optimizer (its reduce
+    # group), the DDP and DeepSpeed wrappers, the model (DTensor meshes).
+    _HOLDS_PROCESS_GROUP = ("layerwise", "scheduler", "optimizer", "basic_optimizer", "reduce_group",
+                            "_ddp", "_engine", "_module", "_model")
+
     def close(self) -> None:
-        """Release the process group after a successful run. An interpreter exit that finds
-        gloo's worker threads alive can abort ("terminate called without an active
-        exception") and turn a finished run into a failed job."""
+        """Release the process group after a successful run, and with it gloo's worker threads.
+
+        destroy_process_group does not stop gloo's threads while anything still references the
+        group; they would live into interpreter exit. A thread that frees a collective's tensors
+        just then (it needs the GIL to drop their Python objects) is killed inside a destructor
+        and the process aborts ("terminate called without an active exception"): a finished run
+        turned into a failed job. So the engine drops what it holds (the per-layer hooks first:
+        the parameters would keep the optimizer) and collects it; the group's destructor, which
+        releases the GIL, then joins the threads."""
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its group down while a peer still uses it
             dist.destroy_process_group()
+        if getattr(self, "layerwise", None) is not None:
+            self.layerwise.remove()
+        for name in self._HOLDS_PROCESS_GROUP:
+            if name in vars(self):
+                setattr(self, name, None)
+        gc.collect()
 
 
 def engine_class(mode: str) -> type[Engine]:
