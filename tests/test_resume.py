@@ -172,18 +172,25 @@ def test_resume_takes_the_recipes_lr_and_clip(tmp_path, engine):
     assert rows[3]["lr"] == pytest.approx(0.002 * lr_factor(2, t["warmup_steps"], t["steps"], 0.1), rel=1e-9)
 
 
+@pytest.fixture(scope="module")
+def two_step_checkpoint(tmp_path_factory):
+    """One run's step-2 checkpoint, shared by the refusal cases (a refused resume writes nothing)."""
+    root = tmp_path_factory.mktemp("refusals")
+    _train([sys.executable], matrix.recipe(_case(), root / "a", root / "cache"), root)
+    return root
+
+
 @pytest.mark.parametrize("key,value", [("galore.rank", 4), ("galore.target_modules", ["mlp"]),
                                        ("training.optimizer", "galore_adafactor"), ("model.hidden_size", 64),
                                        ("galore.proj_type", "left")])
-def test_resume_refuses_what_the_state_depends_on_naming_the_key(tmp_path, key, value):
-    case = _case()
-    _train([sys.executable], matrix.recipe(case, tmp_path / "a", tmp_path / "cache"), tmp_path)
-    rec = matrix.recipe(case, tmp_path / "b", tmp_path / "cache")
+def test_resume_refuses_what_the_state_depends_on_naming_the_key(tmp_path, two_step_checkpoint, key, value):
+    root = two_step_checkpoint
+    rec = matrix.recipe(_case(), tmp_path / "b", root / "cache")
     sec, k = key.split(".")
     rec[sec][k] = value
     if key == "model.hidden_size":
         rec["model"]["intermediate_size"] = 64
-    r = _train([sys.executable], rec, tmp_path, f"checkpoint.resume={tmp_path / 'a' / 'ckpt' / 'step-0000002'}",
+    r = _train([sys.executable], rec, tmp_path, f"checkpoint.resume={root / 'a' / 'ckpt' / 'step-0000002'}",
                check=False)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:"), r.stderr[-2000:]

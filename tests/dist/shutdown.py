@@ -10,9 +10,11 @@ import torch.distributed as dist
 def exit_worker(code: int = 0) -> None:
     """Destroy the process group, flush, and leave with os._exit.
 
-    A normal interpreter exit after gloo + bitsandbytes sometimes aborts in a C++ destructor
-    ("terminate called without an active exception", seen once in CI on a 2-core machine);
-    the worker's results are already written, so nothing after this point matters to the test."""
+    A worker's optimizers and models still reference the process group, so gloo's threads
+    outlive destroy_process_group, and an interpreter exit that finds one freeing a collective's
+    tensors aborts ("terminate called without an active exception"; Engine.close explains and
+    avoids it for launch/train.py). The worker's results are already written, so nothing after
+    this point matters to the test."""
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
