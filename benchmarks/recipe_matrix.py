@@ -1,6 +1,6 @@
 """The recipe matrix's full product (CI runs the pairwise cover: tests/test_recipe_matrix.py).
 
-    python benchmarks/recipe_matrix.py --count            # how many cases the config accepts
+    python benchmarks/recipe_matrix.py --count            # what the config accepts and refuses, and why
     python benchmarks/recipe_matrix.py --sample 120       # a seeded uniform sample of them
     python benchmarks/recipe_matrix.py --shard 3/40       # every 40th accepted case from the 3rd
 
@@ -35,6 +35,25 @@ def accepted() -> list[dict]:
     return [c for c in cases if matrix.valid(c)]
 
 
+def refusal_table() -> dict:
+    """The whole product through the config's validation: how many combinations are accepted,
+    and the refused ones grouped by the one line that refuses them (with a count and an example)."""
+    names = list(matrix.FACTORS)
+    reasons: dict[str, dict] = {}
+    accepted_n = total = 0
+    for vals in itertools.product(*matrix.FACTORS.values()):
+        case, total = dict(zip(names, vals)), total + 1
+        refused = matrix.refusal(case)
+        if refused is None:
+            accepted_n += 1
+            continue
+        world, line = refused
+        entry = reasons.setdefault(line, {"refused": 0, "example": {**case, "refused_at_world": world}})
+        entry["refused"] += 1
+    table = sorted(({"error": k, **v} for k, v in reasons.items()), key=lambda r: -r["refused"])
+    return {"combinations": total, "accepted": accepted_n, "refused": total - accepted_n, "by_reason": table}
+
+
 def sample(n: int, seed: int) -> tuple[list[dict], float]:
     """n distinct accepted cases drawn uniformly (rejection sampling from the product), and the
     fraction of draws the config accepted (an estimate of accepted / combinations)."""
@@ -53,7 +72,8 @@ def sample(n: int, seed: int) -> tuple[list[dict], float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--count", action="store_true", help="count the accepted cases and stop")
+    p.add_argument("--count", action="store_true", help="validate the whole product (no training): "
+                   "accepted count and the refusals by reason, to recipe_matrix_refusals.json")
     p.add_argument("--sample", type=int, help="run a seeded uniform sample of this many cases")
     p.add_argument("--shard", help="i/n: run every n-th accepted case from the i-th")
     p.add_argument("--seed", type=int, default=0)
@@ -62,6 +82,13 @@ def main() -> int:
     total = 1
     for values in matrix.FACTORS.values():
         total *= len(values)
+    if args.count:
+        table = refusal_table()
+        out = Path(args.out).with_name("recipe_matrix_refusals.json")
+        out.write_text(json.dumps(table, indent=1, default=str) + "\n")
+        print(f"{table['accepted']} of {table['combinations']} combinations are accepted by the config; "
+              f"{table['refused']} refused for {len(table['by_reason'])} reasons; wrote {out}")
+        return 0
     if args.sample:
         cases, rate = sample(args.sample, args.seed)
         count = f"~{rate * total:.0f} (estimated from the sample's draws)"
@@ -72,8 +99,6 @@ def main() -> int:
             i, n = (int(x) for x in args.shard.split("/"))
             cases = cases[i::n]
     print(f"{count} of {total} combinations are accepted by the config", flush=True)
-    if args.count:
-        return 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root, results = Path(tmp), {}
