@@ -15,6 +15,9 @@ scale, its best AdamW lr), so the single-process run is that study's seed-0 GaLo
    the same train loop and data; error feedback and warm start on, the hook's defaults
    otherwise) at each of --psgd-lrs. Every distributed run logs the bytes it handed to
    torch.distributed each step (metrics.jsonl comm_bytes), so the model is checked too.
+3. Control: the single process again, its global batch split into the ddp run's micro-batches
+   (accumulated). The ddp engine is exact up to fp32 summation order; over hundreds of steps
+   that order alone moves the trajectory, and this run shows by how much.
 Writes benchmarks/results/equal_bytes.json and a plot of eval perplexity against tokens.
 """
 from __future__ import annotations
@@ -100,8 +103,11 @@ def torchrun(args, script: list[str]) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
 
 
-def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_rank: int = 0) -> dict:
-    """One 4-rank run (read back when the same recipe already finished)."""
+def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_rank: int = 0,
+                    world: int | None = None) -> dict:
+    """One --world-rank run (read back when the same recipe already finished). world=1: the
+    control, one process that splits the global batch into the same micro-batches."""
+    world = world or args.world
     run_dir = Path(args.run_root) / f"{name.replace(' ', '_')}_lr{lr:g}"
     rec = quality.recipe(args, run_dir, "adamw" if method == "powersgd" else method, lr, scale, args.seed)
     micro = args.batch // args.world
@@ -109,7 +115,8 @@ def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_
     # the eval set is the first eval_batches x micro_batch sequences: the single run's set
     rec["training"]["eval_batches"] = args.eval_batches * args.batch // micro
     rec["logging"]["log_every"] = 1                             # every step's comm_bytes
-    rec["engine"] = {"mode": "ddp"}
+    if world > 1:
+        rec["engine"] = {"mode": "ddp"}
     if method == "powersgd":  # the ddp engine's config takes AdamW as GaLoreAdamW's full-rank rule
         rec["training"]["optimizer"], rec["galore"]["enabled"] = "galore_adamw", False
         rec["galore"]["scale"] = 1.0  # unused without GaLore matrices; validation wants it positive
@@ -122,6 +129,11 @@ def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_
         path.write_text(json.dumps(rec))
         if method == "powersgd":
             torchrun(args, [str(Path(__file__).resolve()), "--worker-config", str(path), "--worker-rank", str(psgd_rank)])
+        elif world == 1:
+            r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(path)], cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{name} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
         else:
             torchrun(args, [str(ROOT / "launch" / "train.py"), "--config", str(path)])
         done.write_text(json.dumps(key))
@@ -134,10 +146,20 @@ def summarize_metrics(args, metrics: Path, name: str, lr: float, scale: float) -
     curve = [[r["step"] * tokens_per_step, r["eval_ppl"]] for r in rows if "eval_ppl" in r]
     sent = [r["comm_bytes"] for r in rows if "comm_bytes" in r]
     out = {"name": name, "lr": lr, "scale": scale, "eval_ppl": curve[-1][1], "curve": curve,
+           "train_loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
            "comm_bytes_per_step": statistics.fmean(sent) if sent else 0.0,
            "wall_s": round([r["elapsed_s"] for r in rows if "elapsed_s" in r][-1], 1)}
-    print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("curve", "train_loss")}), flush=True)
     return out
+
+
+def train_loss_gap(a: dict, b: dict) -> dict:
+    """Worst relative train-loss difference over the steps both logged, and the first step where
+    the two differ at all."""
+    steps = sorted(set(a["train_loss"]) & set(b["train_loss"]), key=int)
+    rel = {s: abs(a["train_loss"][s] / b["train_loss"][s] - 1) for s in steps}
+    return {"worst_rel": max(rel.values()), "first_step_differing": next((int(s) for s in steps if rel[s]), None),
+            "steps_compared": len(steps)}
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -151,7 +173,7 @@ def plot(runs: list[dict], path: Path) -> None:
         mb = r.get("comm_bytes_per_step", 0.0) / 2**20
         label = f"{r['name']} (lr {r['lr']:g}" + (f", {mb:.2f} MiB/step sent" if mb else "") + ")"
         ax.plot([t for t, _ in r["curve"]], [p for _, p in r["curve"]], marker="o", label=label,
-                linestyle="--" if r["name"] == "galore single process" else "-")
+                linestyle="--" if r["name"].startswith("galore single process") else "-")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("eval perplexity (WikiText-2 test)")
     ax.set_yscale("log")
@@ -186,9 +208,14 @@ def main() -> None:
     print(f"GaLore rank {args.rank}: {galore_bytes / 2**20:.3f} MiB/step predicted; PowerSGD rank {psgd_rank}: "
           f"{table[psgd_rank] / 2**20:.3f} MiB/step", flush=True)
 
-    single = quality.run(args, "galore", args.galore_lr, args.galore_scale, args.seed)
-    single = {**single, "name": "galore single process", "comm_bytes_per_step": 0.0}
+    quality.run(args, "galore", args.galore_lr, args.galore_scale, args.seed)  # trains it, or finds it trained
+    run_dir = Path(args.run_root) / f"galore_lr{args.galore_lr:g}_s{args.galore_scale:g}_seed{args.seed}"  # quality.run's
+    single = summarize_metrics(args, run_dir / "metrics.jsonl", "galore single process", args.galore_lr, args.galore_scale)
     ddp = distributed_run(args, "galore ddp engine", args.galore_lr, args.galore_scale, "galore")
+    # control: the same single process with the ddp run's micro-batches (accumulated): how far
+    # fp32 summation order alone carries this training
+    control = distributed_run(args, f"galore single process {args.world} micro-batches", args.galore_lr,
+                              args.galore_scale, "galore", world=1)
     psgd = [distributed_run(args, f"powersgd rank {psgd_rank}", lr, 0.0, "powersgd", psgd_rank) for lr in psgd_lrs]
     best_psgd = min(psgd, key=lambda r: r["eval_ppl"])
 
@@ -203,17 +230,23 @@ def main() -> None:
         "bytes_per_step_predicted": {"galore": galore_bytes, "powersgd": table[psgd_rank],
                                      "powersgd_rank": psgd_rank,
                                      "ddp_full": comm.predicted_bytes(shapes(args), 0, args.world, "ddp").average(args.steps)},
-        "eval_ppl": {"galore_single": single["eval_ppl"], "galore_ddp": ddp["eval_ppl"],
+        "eval_ppl": {"galore_single": single["eval_ppl"], "galore_single_micro_batches": control["eval_ppl"],
+                     "galore_ddp": ddp["eval_ppl"],
                      **{f"powersgd_lr{r['lr']:g}": r["eval_ppl"] for r in psgd}},
         "galore_ddp_vs_single_rel": abs(ddp["eval_ppl"] / single["eval_ppl"] - 1),
+        "control_vs_single_rel": abs(control["eval_ppl"] / single["eval_ppl"] - 1),
+        "galore_ddp_vs_control_rel": abs(ddp["eval_ppl"] / control["eval_ppl"] - 1),
+        "train_loss_gap": {"ddp_vs_single": train_loss_gap(ddp, single), "control_vs_single": train_loss_gap(control, single),
+                           "ddp_vs_control": train_loss_gap(ddp, control)},
         "powersgd_vs_galore_ddp_ppl_pct": round(100 * (best_psgd["eval_ppl"] / ddp["eval_ppl"] - 1), 2),
-        "runs": [single, ddp, *psgd],
+        "runs": [single, control, ddp, *psgd],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc["runs"], out.with_suffix(".png"))
     print(json.dumps({k: doc[k] for k in ("bytes_per_step_predicted", "eval_ppl", "galore_ddp_vs_single_rel",
+                                          "control_vs_single_rel", "train_loss_gap",
                                           "powersgd_vs_galore_ddp_ppl_pct")}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
