@@ -119,8 +119,9 @@ class Traffic:
 
 
 def llama_shapes(hidden_size: int, intermediate_size: int, num_hidden_layers: int,
-                 vocab_size: int = 32000, **_: object) -> list[ParamShape]:
-    """LlamaForCausalLM's parameters in named_parameters order (untied, no biases, no GQA)."""
+                 vocab_size: int = 32000, galore_lm_head: bool = False, **_: object) -> list[ParamShape]:
+    """LlamaForCausalLM's parameters in named_parameters order (untied, no biases, no GQA).
+    galore_lm_head: lm_head is a GaLore matrix too (galore.target_modules + "lm_head"; not the paper's)."""
     h, f = hidden_size, intermediate_size
     out = [ParamShape("model.embed_tokens.weight", (vocab_size, h))]
     for i in range(num_hidden_layers):
@@ -131,7 +132,7 @@ def llama_shapes(hidden_size: int, intermediate_size: int, num_hidden_layers: in
                 ParamShape(f"{pre}mlp.down_proj.weight", (h, f), True),
                 ParamShape(f"{pre}input_layernorm.weight", (h,)),
                 ParamShape(f"{pre}post_attention_layernorm.weight", (h,))]
-    return out + [ParamShape("model.norm.weight", (h,)), ParamShape("lm_head.weight", (vocab_size, h))]
+    return out + [ParamShape("model.norm.weight", (h,)), ParamShape("lm_head.weight", (vocab_size, h), galore_lm_head)]
 
 
 def side(shape: tuple[int, ...], proj_type: str) -> str:
@@ -275,9 +276,15 @@ def byte_rows(model: str, rank: int, world: int) -> list[dict]:
     runs += [("galore", w, dict(proj_type=pt, refresh=rf, per_layer=pl))
              for pt in ("std", "reverse_std") for rf, pl in (("svd", False), ("svd", True), ("randomized", False))
              for w in WIRES]
+    # lm_head projected too: galore.target_modules=["attn", "mlp", "lm_head"], a recipe option
+    runs += [("galore", "bf16", dict(proj_type="reverse_std", refresh="svd", per_layer=False, lm_head=True))]
     rows = []
     for method, wire, opts in runs:
-        t = predicted_bytes(shapes, rank, world, method, wire_bytes=WIRES[wire], **opts)
+        opts = {"lm_head": False, **opts} if method == "galore" else opts
+        lm_head = opts.get("lm_head", False)
+        run_shapes = llama_shapes(**PAPER_MODELS[model], galore_lm_head=True) if lm_head else shapes
+        t = predicted_bytes(run_shapes, rank, world, method, wire_bytes=WIRES[wire],
+                            **{k: v for k, v in opts.items() if k != "lm_head"})
         rows.append(dict(model=model, rank=rank, world=world, method=method, wire=wire, **opts,
                          step_bytes=t.step_bytes(), refresh_step_bytes=t.step_bytes() + t.refresh_extra(),
                          avg_bytes=t.average(), ratio_vs_ddp_bf16=ddp / t.average()))
@@ -326,8 +333,8 @@ ASSUMPTIONS = [
 
 def markdown(rows: list[dict], timing: list[dict], targets: list[dict]) -> str:
     gb = 1e9
-    pick = {(r["method"], r["wire"], r["rank"], r.get("proj_type"), r.get("refresh"), r.get("per_layer")): r
-            for r in rows if r["model"] == "7b" and r["world"] == 8}
+    pick = {(r["method"], r["wire"], r["rank"], r.get("proj_type"), r.get("refresh"), r.get("per_layer"),
+             r.get("lm_head")): r for r in rows if r["model"] == "7b" and r["world"] == 8}
     lines = ["7B, W = 8: GB sent per rank per optimizer step (ring), mean over T = 500 (one refresh)", "",
              "| method | wire | rank | GB/step | refresh step GB | vs DDP bf16 |", "|---|---|---|---|---|---|"]
     table = [("DDP", "ddp", 1024, None), ("ZeRO-2", "zero2", 1024, None), ("FSDP2", "fsdp2", 1024, None),
@@ -336,10 +343,14 @@ def markdown(rows: list[dict], timing: list[dict], targets: list[dict]) -> str:
     for label, method, rank, pt in table:
         for wire in WIRES:
             if method == "ddp" or method == "galore" or wire == "bf16":
-                r = pick[(method, wire, rank, pt, "svd" if pt else None, False if pt else None)]
+                r = pick[(method, wire, rank, pt, "svd" if pt else None, False if pt else None, False if pt else None)]
                 rk = rank if method in ("powersgd", "galore") else "-"
                 lines.append(f"| {label} | {wire} | {rk} | {r['avg_bytes'] / gb:.2f} | "
                              f"{r['refresh_step_bytes'] / gb:.2f} | {r['ratio_vs_ddp_bf16']:.2f}x |")
+    for rank in (1024, 256):
+        r = pick[("galore", "bf16", rank, "reverse_std", "svd", False, True)]
+        lines.append(f"| GaLore ddp reverse_std, lm_head projected too | bf16 | {rank} | {r['avg_bytes'] / gb:.2f} | "
+                     f"{r['refresh_step_bytes'] / gb:.2f} | {r['ratio_vs_ddp_bf16']:.2f}x |")
     shapes = llama_shapes(**PAPER_MODELS["7b"])
     full = sum(p.numel for p in shapes if not p.galore)
     cap = sum(p.numel for p in shapes) / full
@@ -347,7 +358,8 @@ def markdown(rows: list[dict], timing: list[dict], targets: list[dict]) -> str:
               f"and norms ({full / 1e6:.0f}M params) go in full: the ratio is capped at {cap:.1f}x ({cap / 2:.1f}x "
               "with an fp32 wire) even if GaLore matrices sent nothing. Targets (all refresh modes in the JSON):", ""]
     for t in (t for t in targets if t["refresh"] == "svd" and not t["per_layer"]):
-        lines.append(f"- rank {t['rank']} {t['proj_type']} {t['wire']}: {t['ratio']:.2f}x vs target {t['target']}x: "
+        lines.append(f"- rank {t['rank']} {t['proj_type']} {t['wire']}{' lm_head projected' if t['lm_head'] else ''}: "
+                     f"{t['ratio']:.2f}x vs target {t['target']}x: "
                      f"{'met' if t['met'] else 'NOT met'}")
     lines += ["", "7B on W x RTX 4090, rank 1024: tokens/s and scaling efficiency (no overlap / full overlap)", "",
               "| method | link | W | comm s/step | tokens/s | efficiency | overlap bound |", "|---|---|---|---|---|---|---|"]
@@ -389,7 +401,7 @@ def main() -> None:
     configs = [(m, rk) for m, rk in PAPER_RANKS.items()] + [("7b", rk) for rk in SWEEP_7B if rk != PAPER_RANKS["7b"]]
     rows = [row for m, rk in configs for w in WORLDS for row in byte_rows(m, rk, w)]
     targets = [dict(rank=r["rank"], proj_type=r["proj_type"], wire=r["wire"], refresh=r["refresh"],
-                    per_layer=r["per_layer"], ratio=r["ratio_vs_ddp_bf16"], target=goal,
+                    per_layer=r["per_layer"], lm_head=r["lm_head"], ratio=r["ratio_vs_ddp_bf16"], target=goal,
                     met=r["ratio_vs_ddp_bf16"] >= goal)
                for goal, rank in ((4, 1024), (16, 256)) for r in rows
                if r["model"] == "7b" and r["world"] == 8 and r["method"] == "galore" and r["rank"] == rank]
@@ -410,7 +422,11 @@ def main() -> None:
         cap=dict(note="embeddings + lm_head + norms go in full: the ratio vs same-dtype DDP cannot exceed "
                       "params / non-GaLore params, even if GaLore matrices sent nothing",
                  ratio_cap_7b_same_dtype=models["7b"]["params"] / non_galore,
-                 ratio_cap_7b_fp32_wire_vs_bf16_ddp=models["7b"]["params"] / non_galore / 2),
+                 ratio_cap_7b_fp32_wire_vs_bf16_ddp=models["7b"]["params"] / non_galore / 2,
+                 note_exact="with refreshes free, the smallest exact message of a GaLore matrix is rank x "
+                            "its shorter side: the bound at each rank, same wire dtype as DDP",
+                 ratio_bound_7b_exact={rk: models["7b"]["params"] / (non_galore + sum(
+                     rk * min(p.shape) for p in shapes7 if p.galore)) for rk in SWEEP_7B}),
         targets=targets, bytes=rows, step_time=timing,
         galore_7b_w8_example=asdict(predicted_bytes(shapes7, 1024, 8, "galore")))
     args.out.parent.mkdir(parents=True, exist_ok=True)

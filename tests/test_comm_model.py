@@ -26,16 +26,20 @@ def shapes(recipe: dict) -> list[ParamShape]:
     from galore_ds.train.config import from_dict
     from galore_ds.train.model import build_model
 
-    model = build_model(from_dict(recipe).model, seed=0, meta=True)
-    targets = set(galore_matrix_names(model, ("attn", "mlp")))
+    cfg = from_dict(recipe)
+    model = build_model(cfg.model, seed=0, meta=True)
+    targets = set(galore_matrix_names(model, tuple(cfg.galore.target_modules)))
     return [ParamShape(n, tuple(p.shape), n in targets) for n, p in model.named_parameters()]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layerwise,wire", [(True, "float32"), (True, "bfloat16"), (False, "float32")])
-def test_comm_bytes_match_the_model(tmp_path, layerwise, wire):
+@pytest.mark.parametrize("layerwise,wire,targets", [(True, "float32", ["attn", "mlp"]),
+                                                    (True, "bfloat16", ["attn", "mlp"]),
+                                                    (False, "float32", ["attn", "mlp"]),
+                                                    (True, "bfloat16", ["attn", "mlp", "lm_head"])])
+def test_comm_bytes_match_the_model(tmp_path, layerwise, wire, targets):
     recipe = tiny_recipe(tmp_path, str(tmp_path / "cache"), training__steps=5, training__grad_clip=0.0, training__eval_batches=0,
-                         galore__update_proj_gap=3)
+                         galore__update_proj_gap=3, galore__target_modules=targets)
     recipe["engine"] = {"mode": "ddp", "ddp": {"layerwise": layerwise, "reduce_dtype": wire}}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
