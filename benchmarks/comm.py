@@ -278,13 +278,14 @@ def byte_rows(model: str, rank: int, world: int) -> list[dict]:
              for w in WIRES]
     # lm_head projected too: galore.target_modules=["attn", "mlp", "lm_head"], a recipe option
     runs += [("galore", "bf16", dict(proj_type="reverse_std", refresh="svd", per_layer=False, lm_head=True))]
+    shapes_lm_head = llama_shapes(**PAPER_MODELS[model], galore_lm_head=True)
     rows = []
     for method, wire, opts in runs:
-        opts = {"lm_head": False, **opts} if method == "galore" else opts
-        lm_head = opts.get("lm_head", False)
-        run_shapes = llama_shapes(**PAPER_MODELS[model], galore_lm_head=True) if lm_head else shapes
-        t = predicted_bytes(run_shapes, rank, world, method, wire_bytes=WIRES[wire],
-                            **{k: v for k, v in opts.items() if k != "lm_head"})
+        opts = dict(opts)
+        lm_head = opts.pop("lm_head", False)
+        t = predicted_bytes(shapes_lm_head if lm_head else shapes, rank, world, method, wire_bytes=WIRES[wire], **opts)
+        if method == "galore":
+            opts["lm_head"] = lm_head
         rows.append(dict(model=model, rank=rank, world=world, method=method, wire=wire, **opts,
                          step_bytes=t.step_bytes(), refresh_step_bytes=t.step_bytes() + t.refresh_extra(),
                          avg_bytes=t.average(), ratio_vs_ddp_bf16=ddp / t.average()))

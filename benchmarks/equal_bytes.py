@@ -95,9 +95,11 @@ def equal_rank(args) -> tuple[int, float, dict[int, float]]:
     return best, galore, table
 
 
-def torchrun(args, script: list[str]) -> None:
+def launch(script: list[str], world: int) -> None:
+    """`python script` on one process, torchrun on several."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world), *script]
+    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
+    cmd = [sys.executable, *ranks, *script]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
@@ -128,14 +130,9 @@ def distributed_run(args, name: str, lr: float, scale: float, method: str, psgd_
         path = run_dir / "recipe.json"
         path.write_text(json.dumps(rec))
         if method == "powersgd":
-            torchrun(args, [str(Path(__file__).resolve()), "--worker-config", str(path), "--worker-rank", str(psgd_rank)])
-        elif world == 1:
-            r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(path)], cwd=ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SystemExit(f"{name} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+            launch([str(Path(__file__).resolve()), "--worker-config", str(path), "--worker-rank", str(psgd_rank)], world)
         else:
-            torchrun(args, [str(ROOT / "launch" / "train.py"), "--config", str(path)])
+            launch([str(ROOT / "launch" / "train.py"), "--config", str(path)], world)
         done.write_text(json.dumps(key))
     return summarize_metrics(args, metrics, name, lr, scale)
 
