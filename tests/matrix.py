@@ -9,11 +9,12 @@ group per launcher and world size runs many recipes: tests/dist/recipe_worker.py
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from netutil import launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "recipe_worker.py"
@@ -144,8 +145,7 @@ def launch(kind: str, world: int, jobs: list[dict], out_dir: Path, port: int, ti
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), str(WORKER)]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port), str(WORKER)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    env = launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     r = subprocess.run([*cmd, "--jobs", str(jobs_file), "--out", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)
     if not out.exists():

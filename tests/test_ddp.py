@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "ddp_cases.py"
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 from ddp_cases import CASES  # noqa: E402
+from netutil import launcher_env  # noqa: E402
 
 _CACHE: dict = {}
 
@@ -94,8 +95,7 @@ def test_elastic_run_loses_a_node_and_gains_one_and_ends_as_the_uninterrupted_ru
 
     from netutil import free_port
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    env = launcher_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     base = _elastic_recipe(tmp_path, "base")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
                         str(ROOT / "launch" / "train.py"), "--config", str(base)],
@@ -165,7 +165,6 @@ def test_a_finished_run_leaves_no_gloo_thread_to_abort_at_exit(layerwise, tmp_pa
     collective's tensors just then is killed inside a destructor and a finished run exits with
     SIGABRT (the per-layer ddp engine did so in ~1 of 3 runs while its hooks kept the group)."""
     import json
-    import os
     import subprocess
 
     out = tmp_path / "threads"
@@ -177,8 +176,7 @@ def test_a_finished_run_leaves_no_gloo_thread_to_abort_at_exit(layerwise, tmp_pa
               "checkpoint.save_final=false", "logging.progress_bar=false", f"logging.run_dir={tmp_path / 'run'}",
               f"data.cache_dir={tmp_path / 'cache'}"]:
         cmd += ["--set", s]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = launcher_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for rank in range(2):

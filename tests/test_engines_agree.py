@@ -5,14 +5,13 @@ DeepSpeed ZeRO-2 (2 ranks) engines: 9 steps, refreshes at steps 0, 3 and 6."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from netutil import free_port
+from netutil import free_port, launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,8 +45,7 @@ def runs(tmp_path_factory):
         cmd = [*launcher, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny.json")]
         for s in [*SHORT, *sets, f"logging.run_dir={run_dir}", f"data.cache_dir={cache}"]:
             cmd += ["--set", s]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        env = launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{name}:\n{(r.stdout + r.stderr)[-3000:]}"
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from galore_ds.train.config import ConfigError, DistEnv, from_dict, validate
+from netutil import launcher_env
 from recipes import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,7 @@ def test_torchrun_trains_with_per_layer_updates(tmp_path):
                          training__eval_batches=0, training__eval_every=0, galore__update_proj_gap=4)
     cfg = tmp_path / "recipe.json"
     cfg.write_text(json.dumps(recipe))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "launch" / "train.py"), "--config", str(cfg),
            "--set", "engine.mode=fsdp", "--set", "engine.fsdp.layerwise=true"]

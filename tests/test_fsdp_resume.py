@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from netutil import launcher_env
 from recipes import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,7 @@ TOLERANCES = {"galore_adamw8bit": (1e-3, 1e-2), "galore_adafactor": (1e-5, 1e-5)
 
 def _torchrun(recipe: dict, path: Path, nproc: int) -> None:
     path.write_text(json.dumps(recipe))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "launch" / "train.py"), "--config", str(path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)

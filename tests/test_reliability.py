@@ -32,6 +32,7 @@ from galore_ds.train import checkpoint, faults
 from galore_ds.train.engines.layerwise import LayerwiseEngine
 from galore_ds.train.engines.single import SingleEngine
 from galore_ds.train.trainer import train
+from netutil import launcher_env
 from recipes import flat, tiny_cfg, tiny_recipe
 
 
@@ -346,8 +347,7 @@ def _torchrun(tmp_path: Path, name: str, cache_dir: str, kill_at: int, restarts:
     recipe = tiny_recipe(tmp_path / name, cache_dir, name="dying-rank", **over)
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(recipe))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", KILL_AT=str(kill_at), KILL_RANK="1", NAN_AT=str(nan_at), NAN_RANK="1",
+    env = launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", KILL_AT=str(kill_at), KILL_RANK="1", NAN_AT=str(nan_at), NAN_RANK="1",
                KILL_ENGINE=mode,
                PYTHONPATH=str(WORKER.parents[2]))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

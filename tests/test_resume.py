@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import matrix
-from netutil import free_port
+from netutil import free_port, launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,9 +27,7 @@ def _case(**over) -> dict:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    return env
+    return launcher_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
 
 
 def _train(launcher: list[str], recipe: dict, tmp: Path, *sets: str, check: bool = True):
