@@ -138,13 +138,14 @@ def run_phase(name: str, config: str, over: dict, cap_bytes: float, log_path: Pa
 
 
 def estimate_columns(config: str, over: dict, device: str) -> dict:
-    shape, _ = shape_from_config(config)
+    shape, data = shape_from_config(config)
     fields = {k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("model.")}
+    checkpointing = fields.pop("activation_checkpointing", data["model"].get("activation_checkpointing", False))
     if "galore.rank" in over:
         fields["rank"] = over["galore.rank"]
     shape = Shape(**{**shape.__dict__, **fields, "micro_batch": 1})
-    est = estimate(shape, "galore8bit", layerwise=True, device=device)
-    return est.gib()
+    est = estimate(shape, "galore8bit", layerwise=True, device=device, activation_checkpointing=checkpointing)
+    return {**est.gib(), "activation_checkpointing": checkpointing}
 
 
 def main() -> int:

@@ -1,7 +1,8 @@
 """The same recipe runs the same algorithm on every engine: the shipped tiny recipe (proj_type
 std, clipping at 1.0, two micro-batches per step on one rank) logs the same per-step loss and
 grad norm through launch/train.py on the single, per-layer, FSDP (2 ranks), HSDP (2 x 2) and
-DeepSpeed ZeRO-2 (2 ranks) engines: 9 steps, refreshes at steps 0, 3 and 6."""
+DeepSpeed ZeRO-2 (2 ranks) engines, and with activation checkpointing on three of them: 9 steps,
+refreshes at steps 0, 3 and 6."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,12 @@ ENGINES = {
     "ddp_layerwise": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
                       ["engine.mode=ddp", "engine.ddp.layerwise=true"]),
 }
+# Activation checkpointing recomputes layers inside backward, where the per-layer hooks,
+# FSDP2's unshard/reshard and DeepSpeed's gradient hooks run: the same losses are expected.
+CHECKPOINTED = ("layerwise", "fsdp", "deepspeed_zero2")
+for _name in CHECKPOINTED:
+    _launcher, _sets = ENGINES[_name]
+    ENGINES[f"{_name}_checkpointed"] = (_launcher, [*_sets, "model.activation_checkpointing=true"])
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,27 @@ def test_cli_config_and_explicit_dims(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert any(r["layerwise"] for r in data["rows"])
     assert main(["--hidden-size", "64"]) == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_term_is_what_autograd_saves(dtype):
+    # Every tensor autograd keeps for backward (unique storages, parameters excluded), counted
+    # through saved-tensor hooks, against the activations term plus the fp32 logits it saves.
+    dims = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=1000)
+    model = build_model(ModelConfig(**dims, dtype=dtype), meta=False).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, 1000, (1, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x, labels=x)
+    e = estimate(Shape(**dims, seq_len=64, micro_batch=1, rank=16, dtype=dtype), "galore")
+    expected = e.parts["activations"] + 64 * 1000 * 4
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.05)

@@ -225,6 +225,24 @@ def test_meta_built_model_matches_cpu_built(tmp_path, cache_dir):
     assert torch.equal(a(input_ids=x, labels=x).loss, b(input_ids=x, labels=x).loss)
 
 
+def test_activation_checkpointing_recomputes_each_layer_and_changes_no_gradient(tmp_path, cache_dir):
+    import dataclasses
+
+    m = make_cfg(tmp_path, cache_dir, model__dtype="bfloat16").model
+    x = torch.randint(0, 400, (2, 32))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = build_model(dataclasses.replace(m, activation_checkpointing=checkpointing), seed=3).train()
+        seen = [0]
+        # a pre-hook: torch's recomputation stops (early) before the layer's last post-hooks
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: seen.__setitem__(0, seen[0] + 1))
+        model(input_ids=x, labels=x).loss.backward()
+        calls.append(seen[0])
+        grads.append([p.grad for p in model.parameters()])
+    assert calls == [1, 2]  # checkpointed: the layer ran again inside backward
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_large_model_is_built_without_fp32_materialisation():
     from galore_ds.train.config import ModelConfig
 

@@ -19,8 +19,11 @@ max(m, n) * r, its projector r * min(m, n)):
                dtype.  galore8bit: the same in 8-bit (projector as for galore).
   activations  per layer and token: (10 h + 4 f) values saved for backward (norm inputs and
                outputs, q/k/v, rotated q/k, attention output, gate/up/silu/product), in the
-               activation dtype; attention probabilities are not stored (SDPA); plus the loss
+               activation dtype, except that the two norm inputs are saved in fp32 (transformers'
+               RMSNorm upcasts); attention probabilities are not stored (SDPA); plus the loss
                head: logits in the model dtype and 3 fp32 copies (upcast, log-softmax, its grad).
+               With activation checkpointing (model.activation_checkpointing): each layer's
+               input, plus one layer's activations while it is recomputed.
   transients   the largest temporary of an optimizer step (one parameter's worth).
 Sharding with --world-size N: ZeRO-1 divides optimizer moments by N, ZeRO-2 also gradients,
 ZeRO-3 / FSDP also weights. GaLore projectors are replicated (row-sharded right projection, see
@@ -191,11 +194,14 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     # activations (micro-batch) and the loss head
     h, f, L, V = s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.vocab_size
     tokens = s.seq_len * s.micro_batch
-    per_layer = tokens * (10 * h + 4 * f) * ab
+    # transformers' LlamaRMSNorm saves its input upcast to fp32 (the same tensor in fp32 models)
+    norm_in = 4 - ab
+    per_layer = tokens * ((10 * h + 4 * f) * ab + 2 * h * norm_in)
+    final_norm = tokens * h * (2 * ab + norm_in)
     if activation_checkpointing:   # layer inputs kept, one layer recomputed at a time
-        parts["activations"] = L * tokens * h * ab + per_layer + tokens * 2 * h * ab
+        parts["activations"] = L * tokens * h * ab + per_layer + final_norm
     else:
-        parts["activations"] = L * per_layer + tokens * 2 * h * ab
+        parts["activations"] = L * per_layer + final_norm
     parts["loss_head"] = tokens * V * (ab + 3 * 4)
 
     # transients of the update: temporaries of the largest single update
@@ -261,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", action="store_true",
                    help="exact gradient clipping (per-layer mode keeps low-rank grads); delayed clipping costs nothing")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: bitsandbytes' unfused 8-bit kernel")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute layers in backward (default: the config's model.activation_checkpointing)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -271,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "seq_len", "micro_batch", "rank", "dtype")
     explicit = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    checkpointing = args.activation_checkpointing
     if args.config:
-        shape, _ = shape_from_config(args.config)
+        shape, data = shape_from_config(args.config)
         shape = Shape(**{**asdict(shape), **explicit})
+        checkpointing = checkpointing or bool(data.get("model", {}).get("activation_checkpointing"))
     else:
         missing = [k for k in fields[:4] + ("vocab_size",) if k not in explicit]
         if missing:
@@ -287,18 +296,20 @@ def main(argv: list[str] | None = None) -> int:
         stages = (0,) if N == 1 else (0, 1, 2, 3)
         for z in stages:
             rows.append(estimate(shape, opt, False, N, z, args.accumulation, args.clip, None,
-                                 args.device, args.activation_checkpointing))
+                                 args.device, checkpointing))
         if N == 1 and opt.startswith("galore"):
             rows.append(estimate(shape, opt, True, 1, 0, args.accumulation, args.clip, None,
-                                 args.device, args.activation_checkpointing))
+                                 args.device, checkpointing))
     if args.json:
         print(json.dumps({"shape": asdict(shape), "params": shape.num_params(), "world_size": N,
+                          "activation_checkpointing": checkpointing,
                           "rows": [{"optimizer": e.optimizer, "layerwise": e.layerwise,
                                     "zero_stage": e.zero_stage, "gib": e.gib()} for e in rows]}, indent=1))
         return 0
     print(f"LLaMA {shape.num_params() / 1e6:.1f}M params, h={shape.hidden_size} f={shape.intermediate_size} "
           f"L={shape.num_hidden_layers} V={shape.vocab_size}, seq {shape.seq_len} x micro-batch "
-          f"{shape.micro_batch}, rank {shape.rank}, {shape.dtype}, world size {N} (GiB per rank)")
+          f"{shape.micro_batch}, rank {shape.rank}, {shape.dtype}, world size {N}"
+          f"{', activation checkpointing' if checkpointing else ''} (GiB per rank)")
     cols = ("weights", "gradients", "optimizer_states", "projectors", "activations", "loss_head", "transients")
     head = f"{'optimizer':<12}{'mode':<10}" + "".join(f"{c[:10]:>11}" for c in cols) + f"{'total':>9}{'phase-pk':>9}"
     print(head)

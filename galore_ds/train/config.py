@@ -54,6 +54,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"                      # parameter dtype: float32 | bfloat16 | float16
     meta_init: Optional[bool] = None            # build on the meta device; None = auto (>= 1B params)
+    # Recompute each decoder layer in backward (transformers' gradient checkpointing,
+    # non-reentrant): only the layers' inputs stay saved, for one more forward's compute.
+    activation_checkpointing: bool = False
 
 
 @dataclass
