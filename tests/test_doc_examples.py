@@ -1,7 +1,9 @@
 """The copy-paste examples in README.md and docs/integrations.md run as written: each python
 block is executed with only the names a reader supplies (model, dataset, loader, data,
-training_args) bound to a tiny LLaMA and tiny data. torchtitan's block needs torchtitan, which
-is not installed here: its calls are tested in tests/test_torchtitan.py."""
+training_args) bound to a tiny LLaMA and tiny data. torchtitan's blocks change a torchtitan
+Trainer.Config: they run against a stand-in for the config (torchtitan's model registry needs
+its CUDA kernels), and the groups they configure are matched against torchtitan's parameter
+names as its container matches them (first pattern wins)."""
 from __future__ import annotations
 
 import re
@@ -60,3 +62,36 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
 def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     code = blocks(ROOT / "README.md")[1] + "\ntrainer.train()\n"
     run(code, tmp_path, monkeypatch)
+
+
+def test_readme_accelerate_example_runs(tmp_path, monkeypatch):
+    code = blocks(ROOT / "README.md")[2] + """
+for batch in loader:
+    accelerator.backward(model(**batch).loss)
+    opt.step(); opt.zero_grad()
+"""
+    run(code, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("where", ["README.md", "docs/integrations.md"])
+def test_torchtitan_examples_configure_the_galore_container(where):
+    from types import SimpleNamespace
+
+    from galore_ds.integrations.torchtitan import GaLoreOptimizersContainer
+
+    code = [b for b in blocks(ROOT / where) if "torchtitan" in b][0]
+    code = code.replace("from torchtitan.models.llama3.config_registry import llama3_8b\n", "")
+    scope = {"config": SimpleNamespace(optimizer=None), "llama3_8b": lambda: SimpleNamespace(optimizer=None)}
+    exec(compile(code, "<doc example>", "exec"), scope)
+    config = scope["llama3_8b_galore"]() if "llama3_8b_galore" in scope else scope["config"]
+    assert isinstance(config.optimizer, GaLoreOptimizersContainer.Config)
+    # torchtitan's pattern matching on its parameter names: which group each weight joins
+    container_groups = [(pg.pattern, pg.optimizer_kwargs) for pg in config.optimizer.param_groups]
+    import re
+
+    def group_of(name):
+        return next(kw for pattern, kw in container_groups if re.search(pattern, name))
+    assert group_of("layers.0.attention.wq.weight")["rank"] == 1024
+    assert group_of("layers.0.feed_forward.w1.weight")["rank"] == 1024
+    for name in ("layers.0.attention_norm.weight", "tok_embeddings.weight", "output.weight", "norm.weight"):
+        assert "rank" not in group_of(name), name

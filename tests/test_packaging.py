@@ -32,7 +32,8 @@ for _ in range(3):
     opt.zero_grad()
 assert not torch.equal(before, model.attn.weight), "no update"
 assert 4 in opt.state[model.attn.weight]["proj"].shape  # a rank-4 projector
-for feature, extra in (("galore_ds.integrations.hf", "hf"), ("galore_ds.integrations.deepspeed", None)):
+for feature, extra in (("galore_ds.integrations.hf", "hf"), ("galore_ds.integrations.deepspeed", None),
+                       ("galore_ds.integrations.torchtitan", "torchtitan")):
     try:
         mod = __import__(feature, fromlist=["x"])
         if extra is None:

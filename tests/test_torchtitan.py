@@ -1,7 +1,8 @@
-"""torchtitan's optimizer contract, as its trainer uses it (torchtitan itself is not installed:
-its calls are made here as it makes them): build_optimizers' signature and config fields,
-Stateful state_dict keyed by parameter name through DCP, resume through dcp.save/dcp.load, and
-DCP's zero-gradient state-creation step leaving no projector computed from zeros."""
+"""torchtitan: the container of today's torchtitan (0.3, installed by the Makefile without its
+data and logging dependencies) built from its own Config and ParamGroupConfig, trained against
+the plain galore_ds loop, checkpointed through its own flat, name-keyed state dict with DCP, and
+its zero-gradient state-creation step; then torchtitan 0.2's TrainSpec API
+(torchtitan_trainspec), whose calls are made here as that version makes them."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,7 +12,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from galore_ds.integrations.torchtitan import GaLoreOptimizersContainer, build_galore_optimizers
+import galore_ds
+from galore_ds.integrations.torchtitan import GaLoreOptimizersContainer, galore_param_groups
+from galore_ds.integrations.torchtitan_trainspec import TrainSpecOptimizersContainer, build_galore_optimizers
 
 VOCAB, DIM = 64, 32
 
@@ -59,11 +62,11 @@ CONFIG = SimpleNamespace(name="AdamW", lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
 GALORE = dict(rank=8, update_proj_gap=3)
 
 
-def build(model: nn.Module) -> GaLoreOptimizersContainer:
+def build(model: nn.Module) -> TrainSpecOptimizersContainer:
     return build_galore_optimizers([model], CONFIG, None, None, galore=GALORE)
 
 
-def train(model: nn.Module, opt: GaLoreOptimizersContainer, steps: range) -> None:
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     for s in steps:
         x = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(s))
         logits = model(x[:, :-1])
@@ -75,6 +78,93 @@ def train(model: nn.Module, opt: GaLoreOptimizersContainer, steps: range) -> Non
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+
+# ---- torchtitan >= 0.3: its OptimizersContainer, Config and ParamGroupConfig ----------------
+TITAN_GALORE = dict(rank=8, update_proj_gap=3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+PLAIN = {"GaLoreAdamW": galore_ds.GaLoreAdamW, "GaLoreAdamW8bit": galore_ds.GaLoreAdamW8bit,
+         "GaLoreAdafactor": galore_ds.GaLoreAdafactor}
+
+
+def titan(model: nn.Module, optimizer: str = "GaLoreAdamW") -> GaLoreOptimizersContainer:
+    """What torchtitan's Trainer does with config.optimizer: Config.build(model_parts=...)
+    (implementation left at torchtitan's default, "fused": every group gets fused=True)."""
+    kwargs = dict(TITAN_GALORE)
+    if optimizer == "GaLoreAdafactor":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("betas", "eps")}
+    config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(lr=1e-2, optimizer=optimizer, **kwargs))
+    return config.build(model_parts=[model])
+
+
+def plain(model: nn.Module, optimizer: str = "GaLoreAdamW") -> torch.optim.Optimizer:
+    groups = galore_ds.param_groups(model, rank=8, update_proj_gap=3, target_modules=("attention", "feed_forward"),
+                                    weight_decay=0.1)
+    extra = dict(relative_step=False) if optimizer == "GaLoreAdafactor" else dict(betas=(0.9, 0.95), eps=1e-8)
+    return PLAIN[optimizer](groups, lr=1e-2, **extra)
+
+
+@pytest.mark.parametrize("optimizer", sorted(PLAIN))
+def test_torchtitan_container_equals_the_plain_loop(optimizer):
+    ref_model, model = TitanLike(), TitanLike()
+    ref, container = plain(ref_model, optimizer), titan(model, optimizer)
+    assert len(container) == 1 and isinstance(container.optimizers[0], PLAIN[optimizer])
+    galore_groups = [g for g in container.optimizers[0].param_groups if "rank" in g]
+    assert len(galore_groups) == 1 and sorted(galore_groups[0]["param_names"]) == sorted(
+        n for n, p in model.named_parameters() if (".attention.w" in n or ".feed_forward.w" in n))
+    train(ref_model, ref, range(7))       # refreshes at steps 0, 3 and 6
+    train(model, container, range(7))
+    a, b = weights(ref_model), weights(model)
+    worst = max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("optimizer", sorted(PLAIN))
+def test_torchtitan_checkpoint_through_its_flat_state_dict_and_dcp_resumes_bit_identically(tmp_path, optimizer):
+    full_model = TitanLike()
+    full = titan(full_model, optimizer)
+    train(full_model, full, range(7))
+
+    model = TitanLike()
+    container = titan(model, optimizer)
+    train(model, container, range(4))   # refreshes at 0 and 3; the next, at 6, after the resume
+    sd = container.state_dict()
+    assert "state.layers.0.attention.wq.weight.proj" in sd   # keyed by name: DCP reshards it
+    dcp.save({"model": model.state_dict(), "optimizer": sd}, checkpoint_id=str(tmp_path / "step-4"))
+
+    resumed_model = TitanLike()
+    resumed = titan(resumed_model, optimizer)
+    state = {"model": resumed_model.state_dict(), "optimizer": resumed.state_dict()}  # its state-creation step
+    dcp.load(state, checkpoint_id=str(tmp_path / "step-4"))
+    resumed_model.load_state_dict(state["model"])
+    resumed.load_state_dict(state["optimizer"])
+    train(resumed_model, resumed, range(4, 7))
+    a, b = weights(full_model), weights(resumed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchtitan_state_creation_step_computes_no_projector_and_changes_nothing():
+    plain_model, probed_model = TitanLike(), TitanLike()
+    untouched, probed = titan(plain_model), titan(probed_model)
+    before = weights(probed_model)
+    sd = probed.state_dict()     # torchtitan's init_optim_state: zero gradients, lr 0, one step
+    assert all(torch.equal(before[k], v) for k, v in weights(probed_model).items())
+    assert float(sd["state.layers.0.attention.wq.weight.step"]) == 0
+    assert not sd["state.layers.0.attention.wq.weight.proj"].any()
+    train(plain_model, untouched, range(5))
+    train(probed_model, probed, range(5))
+    a, b = weights(plain_model), weights(probed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchtitan_names_it_does_not_know_still_reach_its_own_optimizers():
+    config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(lr=1e-2, rank=8)[:2] + [
+        type(galore_param_groups(lr=1e-2)[0])(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3})])
+    container = config.build(model_parts=[TitanLike()])
+    assert sorted(type(o).__name__ for o in container) == ["AdamW", "GaLoreAdamW"]
+    with pytest.raises(ValueError, match="optimizer='Muon'"):
+        galore_param_groups(lr=1e-2, optimizer="Muon")
+
+
+# ---- torchtitan 0.2: TrainSpec.build_optimizers_fn -------------------------------------------
 
 def test_galore_groups_are_torchtitans_attention_and_feed_forward():
     opt = build(TitanLike())

@@ -36,7 +36,7 @@ TORCHTITAN_TARGETS = ("attention", "feed_forward")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class GaLoreOptimizersContainer(torch.optim.Optimizer, Stateful):
+class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
     """One GaLore optimizer per model part behind torchtitan's container interface."""
 
     def __init__(self, model_parts: list[nn.Module], optimizer_cls: type[GaLoreOptimizer],
@@ -77,7 +77,7 @@ class GaLoreOptimizersContainer(torch.optim.Optimizer, Stateful):
 
 
 def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: Any = None,
-                            ft_manager: Any = None, *, galore: dict[str, Any] | None = None) -> GaLoreOptimizersContainer:
+                            ft_manager: Any = None, *, galore: dict[str, Any] | None = None) -> TrainSpecOptimizersContainer:
     """torchtitan's build_optimizers, for GaLore (see the module docstring). `galore`: rank,
     update_proj_gap, scale, proj_type, target_modules and the GaLore options (refresh, ...)."""
     name = getattr(optimizer_config, "name", "AdamW")
@@ -92,7 +92,7 @@ def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any,
     if NAMES[name] is not GaLoreAdafactor:
         kwargs.update(betas=(getattr(optimizer_config, "beta1", 0.9), getattr(optimizer_config, "beta2", 0.95)),
                       eps=getattr(optimizer_config, "eps", 1e-8))
-    return GaLoreOptimizersContainer(model_parts, NAMES[name], kwargs, galore or {})
+    return TrainSpecOptimizersContainer(model_parts, NAMES[name], kwargs, galore or {})
 
 
-__all__ = ["GaLoreOptimizersContainer", "build_galore_optimizers"]
+__all__ = ["TrainSpecOptimizersContainer", "build_galore_optimizers"]

@@ -1,0 +1,87 @@
+"""torchtitan (0.3 and later): the GaLore optimizers by name inside torchtitan's own container.
+
+    from galore_ds.integrations.torchtitan import GaLoreOptimizersContainer, galore_param_groups
+
+    config = llama3_debugmodel()                       # any torchtitan Trainer.Config
+    config.optimizer = GaLoreOptimizersContainer.Config(
+        param_groups=galore_param_groups(lr=8e-4, rank=256, update_proj_gap=200))
+
+torchtitan builds its optimizers from `OptimizersContainer.Config.param_groups`: regex patterns
+over parameter names, each with an optimizer name and its keyword arguments; groups that name
+the same optimizer become one optimizer instance. `GaLoreOptimizersContainer` is that container
+with three more names, "GaLoreAdamW", "GaLoreAdamW8bit" and "GaLoreAdafactor"; everything else
+(Stateful state_dict keyed by parameter name through DCP, resharding, the schedulers, the
+implementation keys `fused`/`foreach` and `param_names` it puts in every group) is torchtitan's.
+`galore_param_groups` writes the three patterns `galore_ds.param_groups` builds by module name:
+the attention and feed-forward weights projected, norms and biases without weight decay, the
+rest (embeddings, output) full-rank with it.
+
+torchtitan creates a fresh optimizer's state before a checkpoint save or load with one
+zero-gradient, lr-0 step (`init_optim_state`); the GaLore optimizers recognise it and create
+placeholders only (no projector computed from zeros, the step count stays 0).
+
+torchtitan 0.2's TrainSpec API (`build_optimizers_fn`): galore_ds.integrations.torchtitan_trainspec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch.optim import Optimizer
+
+try:
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+except ImportError:
+    raise ImportError("galore_ds.integrations.torchtitan needs torchtitan >= 0.3: pip install 'galore_ds[torchtitan]' "
+                      "(torchtitan 0.2's TrainSpec API: galore_ds.integrations.torchtitan_trainspec)") from None
+
+from galore_ds.core.groups import GALORE_OPTION_DEFAULTS
+from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit, "GaLoreAdafactor": GaLoreAdafactor}
+# torchtitan's module names (LLaMA 3, Qwen 3, ...): layers.N.attention.wq, layers.N.feed_forward.w1
+TORCHTITAN_TARGETS = ("attention", "feed_forward")
+
+
+class GaLoreOptimizersContainer(OptimizersContainer):
+    """torchtitan's OptimizersContainer that also builds the galore_ds optimizers by name."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(OptimizersContainer.Config):
+        pass
+
+    @staticmethod
+    def _resolve_optimizer_factory(name: str) -> Callable[..., Optimizer]:
+        if name in OPTIMIZERS:
+            return OPTIMIZERS[name]
+        return OptimizersContainer._resolve_optimizer_factory(name)
+
+
+def galore_param_groups(lr: float, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                        proj_type: str = "std", optimizer: str = "GaLoreAdamW", weight_decay: float = 0.0,
+                        target_modules: tuple[str, ...] = TORCHTITAN_TARGETS, **optimizer_kwargs: Any,
+                        ) -> list[ParamGroupConfig]:
+    """The ParamGroupConfigs for `GaLoreOptimizersContainer.Config(param_groups=...)`, first match
+    wins: norm weights and biases (no weight decay), then weights of `target_modules` (GaLore
+    at `rank`), then every other parameter (full-rank, `weight_decay`). `optimizer_kwargs` (betas,
+    eps, max_grad_norm, refresh, ...) go to every group; GaLore options reach only the first."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+    common = {"lr": lr, **optimizer_kwargs}
+    if optimizer == "GaLoreAdafactor":   # torchtitan gives every group an lr: use it, not Adafactor's own
+        common.setdefault("relative_step", False)
+    galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+    options = {k: common.pop(k) for k in list(common) if k in GALORE_OPTION_DEFAULTS}
+    targets = "|".join(target_modules)
+    return [   # norms first: a norm inside attention (Qwen 3's q_norm) is 1-D, never projected
+        ParamGroupConfig(pattern=r"(norm\.weight|\.bias)$", optimizer_name=optimizer,
+                         optimizer_kwargs={**common, "weight_decay": 0.0}),
+        ParamGroupConfig(pattern=rf"(^|\.)({targets})\.(.+\.)?weight$", optimizer_name=optimizer,
+                         optimizer_kwargs={**common, **galore, **options, "weight_decay": weight_decay}),
+        ParamGroupConfig(pattern=r".*", optimizer_name=optimizer,
+                         optimizer_kwargs={**common, "weight_decay": weight_decay}),
+    ]
+
+
+__all__ = ["GaLoreOptimizersContainer", "galore_param_groups", "OPTIMIZERS"]
