@@ -57,6 +57,7 @@ def reference(steps: int, global_batch: int, clip: float) -> dict[str, torch.Ten
 
 def run_trainer(job: dict, out_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """One GaLoreTrainer run; `job`: layerwise, accum, bs, steps, clip, optimizer, save_steps, resume,
+    checkpointing (TrainingArguments.gradient_checkpointing),
     and for GPU runs (benchmarks/gpu_integrations.py) cuda, fsdp2, deepspeed (a config dict)."""
     from transformers import TrainingArguments
 
@@ -73,7 +74,8 @@ def run_trainer(job: dict, out_dir: Path) -> tuple[dict[str, torch.Tensor], dict
         weight_decay=r["weight_decay"], adam_beta1=r["betas"][0], adam_beta2=r["betas"][1], adam_epsilon=r["eps"],
         max_grad_norm=job["clip"], save_strategy="steps", save_steps=job.get("save_steps", 10_000),
         logging_steps=1, report_to=[], seed=0, train_sampling_strategy="sequential",
-        disable_tqdm=True, dataloader_drop_last=True, **engine_arguments(job))
+        disable_tqdm=True, dataloader_drop_last=True, gradient_checkpointing=job.get("checkpointing", False),
+        **engine_arguments(job))
     galore = GaLoreArguments(rank=r["rank"], update_proj_gap=r["update_proj_gap"], layerwise=job["layerwise"],
                              optimizer=job.get("optimizer", "adamw"))
     trainer = GaLoreTrainer(model=model, args=args, train_dataset=data, galore=galore)
