@@ -79,6 +79,30 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def save_resume_and_finish(make, path) -> tuple[dict, dict, list[str]]:
+    """7 steps straight, and 4 steps, a DCP save, a fresh model and optimizer loaded as
+    torchtitan loads (the optimizer's state_dict first: its state-creation step), then steps
+    4-6: (weights of each, the saved optimizer keys). Refreshes at 0, 3 and, after the resume, 6."""
+    full_model = TitanLike()
+    full = make(full_model)
+    train(full_model, full, range(7))
+
+    model = TitanLike()
+    opt = make(model)
+    train(model, opt, range(4))
+    saved = opt.state_dict()
+    dcp.save({"model": model.state_dict(), "optimizer": saved}, checkpoint_id=str(path))
+
+    resumed_model = TitanLike()
+    resumed = make(resumed_model)
+    state = {"model": resumed_model.state_dict(), "optimizer": resumed.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    resumed_model.load_state_dict(state["model"])
+    resumed.load_state_dict(state["optimizer"])
+    train(resumed_model, resumed, range(4, 7))
+    return weights(full_model), weights(resumed_model), list(saved)
+
+
 # ---- torchtitan >= 0.3: its OptimizersContainer, Config and ParamGroupConfig ----------------
 TITAN_GALORE = dict(rank=8, update_proj_gap=3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 PLAIN = {"GaLoreAdamW": galore_ds.GaLoreAdamW, "GaLoreAdamW8bit": galore_ds.GaLoreAdamW8bit,
@@ -119,26 +143,9 @@ def test_torchtitan_container_equals_the_plain_loop(optimizer):
 
 @pytest.mark.parametrize("optimizer", sorted(PLAIN))
 def test_torchtitan_checkpoint_through_its_flat_state_dict_and_dcp_resumes_bit_identically(tmp_path, optimizer):
-    full_model = TitanLike()
-    full = titan(full_model, optimizer)
-    train(full_model, full, range(7))
-
-    model = TitanLike()
-    container = titan(model, optimizer)
-    train(model, container, range(4))   # refreshes at 0 and 3; the next, at 6, after the resume
-    sd = container.state_dict()
-    assert "state.layers.0.attention.wq.weight.proj" in sd   # keyed by name: DCP reshards it
-    dcp.save({"model": model.state_dict(), "optimizer": sd}, checkpoint_id=str(tmp_path / "step-4"))
-
-    resumed_model = TitanLike()
-    resumed = titan(resumed_model, optimizer)
-    state = {"model": resumed_model.state_dict(), "optimizer": resumed.state_dict()}  # its state-creation step
-    dcp.load(state, checkpoint_id=str(tmp_path / "step-4"))
-    resumed_model.load_state_dict(state["model"])
-    resumed.load_state_dict(state["optimizer"])
-    train(resumed_model, resumed, range(4, 7))
-    a, b = weights(full_model), weights(resumed_model)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed, saved_keys = save_resume_and_finish(lambda m: titan(m, optimizer), tmp_path / "step-4")
+    assert "state.layers.0.attention.wq.weight.proj" in saved_keys   # keyed by name: DCP reshards it
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_torchtitan_state_creation_step_computes_no_projector_and_changes_nothing():
@@ -193,24 +200,8 @@ def test_dcp_state_creation_step_computes_no_projector_and_changes_nothing():
 
 
 def test_dcp_save_and_load_resume_bit_identically(tmp_path):
-    full_model = TitanLike()
-    full = build(full_model)
-    train(full_model, full, range(7))
-
-    model = TitanLike()
-    opt = build(model)
-    train(model, opt, range(4))  # a refresh at 0 and 3, the next at 6: after the resume
-    dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=str(tmp_path / "step-4"))
-
-    resumed_model = TitanLike()
-    resumed = build(resumed_model)
-    state = {"model": resumed_model.state_dict(), "optimizer": resumed.state_dict()}
-    dcp.load(state, checkpoint_id=str(tmp_path / "step-4"))
-    resumed_model.load_state_dict(state["model"])
-    resumed.load_state_dict(state["optimizer"])
-    train(resumed_model, resumed, range(4, 7))
-    a, b = weights(full_model), weights(resumed_model)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed, _ = save_resume_and_finish(build, tmp_path / "step-4")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_torchtitan_options_it_cannot_honour_are_refused():

@@ -262,10 +262,9 @@ class Engine(ABC):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    # What keeps the process group alive after destroy_process_group: the optimizer (its reduce
-    # group), the DDP and DeepSpeed wrappers, the model (DTensor meshes).
-    _HOLDS_PROCESS_GROUP = ("layerwise", "scheduler", "optimizer", "basic_optimizer", "reduce_group",
-                            "_ddp", "_engine", "_module", "_model")
+    # What keeps the process group alive after destroy_process_group (close() drops them): the
+    # optimizer (its reduce group) and what references it; each engine adds what it holds.
+    _HOLDS_PROCESS_GROUP: tuple[str, ...] = ("layerwise", "scheduler", "optimizer")
 
     def close(self) -> None:
         """Release the process group after a successful run, and with it gloo's worker threads.

@@ -41,6 +41,8 @@ from galore_ds.train.optim import build_optimizer, build_param_groups, warmup_co
 
 
 class DDPEngine(Engine):
+    # what holds the process group besides the optimizer: the DDP wrapper and the module it wraps
+    _HOLDS_PROCESS_GROUP = Engine._HOLDS_PROCESS_GROUP + ("_ddp", "_module")
     name = "ddp"
     wants_meta_model = True
 

@@ -61,6 +61,8 @@ def unlink_shm_buffer() -> None:
 
 
 class DeepSpeedEngine(Engine):
+    # what holds the process group besides the optimizer: DeepSpeed's engine and the optimizer it wraps
+    _HOLDS_PROCESS_GROUP = Engine._HOLDS_PROCESS_GROUP + ("_engine", "basic_optimizer")
     name = "deepspeed"
 
     def ds_config(self) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def left_projected(model: nn.Module, groups: list[dict[str, Any]]) -> set[int]:
 
 
 class FSDPEngine(Engine):
+    # what holds the process group besides the optimizer: the model (its DTensor meshes) and the replica group
+    _HOLDS_PROCESS_GROUP = Engine._HOLDS_PROCESS_GROUP + ("_model", "reduce_group")
     name = "fsdp"
 
     def __init__(self, cfg, dist_env) -> None:
