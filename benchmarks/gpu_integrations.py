@@ -7,8 +7,9 @@ loop on the same global batches.
 
 CUDA paths: the Trainer (GaLoreTrainer) under FSDP2 and under DeepSpeed ZeRO-2 and ZeRO-3;
 Accelerate's FSDP2 plugin and DeepSpeed plugin (ZeRO-2); plus the Trainer and Accelerate DDP
-paths. --dry-run runs the same script with the CPU-capable subset (Trainer per-layer and
-step-time, Accelerate DDP and FSDP2). Writes benchmarks/results/gpu_integrations[_dry].json.
+paths. --dry-run runs the same script with the CPU-capable subset (all but the Trainer's FSDP2,
+which Accelerate leaves off on CPU, and Accelerate's DeepSpeed plugin). Each path also reports
+the layout its parameters had (DTensor, ZeRO partition), so an engine silently left off fails. Writes benchmarks/results/gpu_integrations[_dry].json.
 Tolerance: 1e-5 on CPU (fp32, as the tests); 1e-4 on CUDA (TF32 off, but cuBLAS and the
 reference's CPU kernels round differently).
 """
@@ -38,6 +39,8 @@ def torchrun(world: int, script: Path, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
            str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NVIDIA_TF32_OVERRIDE": "0"}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed's CPU accelerator (gloo)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
@@ -53,15 +56,14 @@ def main() -> int:
     world = min(2, torch.cuda.device_count()) if cuda else 2
     tol = 1e-4 if cuda else 1e-5
     base = dict(layerwise=False, accum=ACCUM, bs=BS, steps=STEPS, clip=1.0, cuda=cuda)
-    trainer_jobs = {"trainer_ddp_step_time": base, "trainer_ddp_per_layer": {**base, "layerwise": True}}
+    trainer_jobs = {"trainer_ddp_step_time": base, "trainer_ddp_per_layer": {**base, "layerwise": True},
+                    "trainer_deepspeed_zero2": {**base, "deepspeed": {"zero_optimization": {"stage": 2}}},
+                    "trainer_deepspeed_zero3": {**base, "deepspeed": {"zero_optimization": {"stage": 3}}}}
     accelerate_kinds = ["ddp", "fsdp2"]
-    if cuda:
-        trainer_jobs.update({
-            "trainer_fsdp2": {**base, "fsdp2": True},
-            "trainer_deepspeed_zero2": {**base, "deepspeed": {"zero_optimization": {"stage": 2}}},
-            "trainer_deepspeed_zero3": {**base, "deepspeed": {"zero_optimization": {"stage": 3}}},
-        })
+    if cuda:   # on CPU Accelerate leaves the Trainer's FSDP off (it would run plain data parallel)
+        trainer_jobs["trainer_fsdp2"] = {**base, "fsdp2": True}
         accelerate_kinds.append("deepspeed")
+    layouts = {"trainer_fsdp2": "dtensor", "trainer_deepspeed_zero2": "zero", "trainer_deepspeed_zero3": "zero"}
     results: dict = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
                      "world": world, "tolerance": tol, "paths": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,8 +77,11 @@ def main() -> int:
         for name, path in zip(names, files):
             weights = torch.load(path, weights_only=True)
             diff = max(float((weights[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
-            results["paths"][name] = {"rel_diff": diff, "ok": diff < tol}
-            print(f"{name:32s} rel diff {diff:.2e}  {'ok' if diff < tol else 'FAIL'}", flush=True)
+            info = path.with_suffix(".json")
+            layout = json.loads(info.read_text()).get("layout") if info.is_file() else None
+            ok = diff < tol and layout == layouts.get(name, layout)   # the engine really ran
+            results["paths"][name] = {"rel_diff": diff, "layout": layout, "ok": ok}
+            print(f"{name:32s} rel diff {diff:.2e}  layout {layout}  {'ok' if ok else 'FAIL'}", flush=True)
     suffix = "_dry" if args.dry_run else ""
     path = ROOT / "benchmarks" / "results" / f"gpu_integrations{suffix}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """The Hugging Face Trainer with GaLoreTrainer equals the plain galore_ds loop on the same global
-batches (1e-5), on one process and on 2 ranks, per-layer and step-time, with gradient
-accumulation and clipping; resuming through the Trainer's own checkpoints is bit-identical;
+batches (1e-5), on one process and on 2 ranks (plain, DeepSpeed ZeRO-2 and 3), per-layer
+and step-time, with gradient accumulation and clipping; resuming through the Trainer's own checkpoints is bit-identical;
 its GaLore groups are the attention/MLP Linears by name; TrainingArguments' lr, betas, eps and
 weight decay reach the optimizer."""
 from __future__ import annotations
@@ -96,3 +96,32 @@ def test_two_ranks_equal_the_plain_loop_on_the_global_batch(tmp_path):
     for name in jobs:
         weights = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert rel_diff(weights, ref) < TOL, name
+
+
+@pytest.mark.slow
+def test_two_ranks_under_deepspeed_equal_the_plain_loop_and_resume(tmp_path):
+    """TrainingArguments(deepspeed=a ZeRO-2/3 config with "gradient_clipping": "auto" and no
+    "optimizer" section) on 2 CPU ranks: the client optimizer on ZeRO's partitions, clipping only
+    the optimizer's (DeepSpeed would clip the full gradients first), and ZeRO-2 resumed through
+    the Trainer's checkpoint. (The Trainer's FSDP needs a GPU: on CPU Accelerate leaves it off;
+    Accelerate's own FSDP2 path is tested on CPU in test_accelerate.py.)"""
+    base = dict(layerwise=False, accum=2, bs=2, steps=6, clip=1.0)
+    zero2 = {**base, "deepspeed": {"zero_optimization": {"stage": 2}}, "save_steps": 3}
+    jobs = {"zero2": zero2,
+            "zero3": {**base, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "zero2_resumed": {**zero2, "resume": str(tmp_path / "zero2" / "checkpoint-3")}}
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(spec), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = reference(6, 2 * 2 * 2, 1.0)
+    weights = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in jobs}
+    layouts = {name: json.loads((tmp_path / f"{name}.json").read_text())["layout"] for name in jobs}
+    assert layouts == {"zero2": "zero", "zero3": "zero", "zero2_resumed": "zero"}
+    for name in ("zero2", "zero3"):
+        assert rel_diff(weights[name], ref) < TOL, name
+    for k in weights["zero2"]:
+        assert torch.equal(weights["zero2"][k], weights["zero2_resumed"][k]), k

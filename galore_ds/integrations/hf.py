@@ -24,8 +24,9 @@ What it does that transformers' own GaLore (optim="galore_adamw") does not:
 
 Clipping is the optimizer's (the same definition as launch/train.py: the global norm of what
 the optimizer consumes, i.e. the projected gradients of GaLore matrices and the full ones of
-the rest), with TrainingArguments.max_grad_norm; the Trainer's own full-gradient clipping is
-switched off so that nothing is clipped twice. The logged grad_norm is that norm in per-layer
+the rest), with TrainingArguments.max_grad_norm; the Trainer's own full-gradient clipping, and
+DeepSpeed's (its "gradient_clipping", "auto" or not), are switched off so that nothing is
+clipped twice. The logged grad_norm is that norm in per-layer
 mode and the Trainer's full-gradient norm otherwise (the optimizer's is known only after the
 step the Trainer logs it before).
 """
@@ -150,6 +151,10 @@ class GaLoreTrainer(Trainer):
             from galore_ds.integrations.deepspeed import register
 
             register()
+            # DeepSpeed would clip the full gradients before the optimizer clips what it consumes
+            # (module docstring): its gradient_clipping, filled from max_grad_norm when "auto",
+            # goes to 0 so the step is the one launch/train.py and the plain loop take.
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
 
     @property
     def _replicated(self) -> bool:

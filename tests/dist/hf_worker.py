@@ -83,7 +83,10 @@ def run_trainer(job: dict, out_dir: Path) -> tuple[dict[str, torch.Tensor], dict
     groups = {g.get("name"): g["param_names"] for g in trainer._galore_optimizer.param_groups}
     logs = [x for x in trainer.state.log_history if "loss" in x]
     weights = full_weights(trainer)
-    return weights, {"groups": groups, "grad_norms": [x.get("grad_norm") for x in logs]}
+    params = list(trainer.accelerator.unwrap_model(trainer.model).parameters())
+    layout = ("dtensor" if any(hasattr(p, "placements") for p in params) else
+              "zero" if trainer.is_deepspeed_enabled else "plain")
+    return weights, {"groups": groups, "grad_norms": [x.get("grad_norm") for x in logs], "layout": layout}
 
 
 def engine_arguments(job: dict) -> dict:
@@ -98,7 +101,7 @@ def engine_arguments(job: dict) -> dict:
                                                    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     if job.get("deepspeed"):
         out["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                            "gradient_clipping": 0.0, **job["deepspeed"]}
+                            "gradient_clipping": "auto", **job["deepspeed"]}
     return out
 
 
