@@ -7,8 +7,8 @@ loop on the same global batches.
 
 CUDA paths: the Trainer (GaLoreTrainer) under FSDP2 and under DeepSpeed ZeRO-2 and ZeRO-3;
 Accelerate's FSDP2 plugin and DeepSpeed plugin (ZeRO-2); plus the Trainer and Accelerate DDP
-paths. --dry-run runs the same script with the CPU-capable subset (all but the Trainer's FSDP2,
-which Accelerate leaves off on CPU, and Accelerate's DeepSpeed plugin). Each path also reports
+paths. --dry-run runs the same script on CPU with all of them but the Trainer's FSDP2, which
+Accelerate leaves off on CPU (Accelerate's own FSDP2 is called as its prepare() calls it). Each path also reports
 the layout its parameters had (DTensor, ZeRO partition), so an engine silently left off fails. Writes benchmarks/results/gpu_integrations[_dry].json.
 Tolerance: 1e-5 on CPU (fp32, as the tests); 1e-4 on CUDA (TF32 off, but cuBLAS and the
 reference's CPU kernels round differently).
@@ -59,10 +59,9 @@ def main() -> int:
     trainer_jobs = {"trainer_ddp_step_time": base, "trainer_ddp_per_layer": {**base, "layerwise": True},
                     "trainer_deepspeed_zero2": {**base, "deepspeed": {"zero_optimization": {"stage": 2}}},
                     "trainer_deepspeed_zero3": {**base, "deepspeed": {"zero_optimization": {"stage": 3}}}}
-    accelerate_kinds = ["ddp", "fsdp2"]
+    accelerate_kinds = ["ddp", "fsdp2", "deepspeed"]
     if cuda:   # on CPU Accelerate leaves the Trainer's FSDP off (it would run plain data parallel)
         trainer_jobs["trainer_fsdp2"] = {**base, "fsdp2": True}
-        accelerate_kinds.append("deepspeed")
     layouts = {"trainer_fsdp2": "dtensor", "trainer_deepspeed_zero2": "zero", "trainer_deepspeed_zero3": "zero"}
     results: dict = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
                      "world": world, "tolerance": tol, "paths": {}}

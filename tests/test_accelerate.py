@@ -1,6 +1,6 @@
-"""Accelerate: `accelerator.prepare(model, galore_optimizer)` under DDP and under the FSDP2
-plugin (the optimizer built before fully_shard, its parameters swapped for the sharded ones)
-trains as the one-process galore_ds loop on the same global batches (1e-5); Accelerate's
+"""Accelerate: `accelerator.prepare(model, galore_optimizer)` under DDP, under the FSDP2 plugin
+(the optimizer built before fully_shard, its parameters swapped for the sharded ones) and under
+the DeepSpeed plugin (ZeRO-2, the client optimizer on its partitions) trains as the one-process galore_ds loop on the same global batches (1e-5); Accelerate's
 silent swap to DeepSpeedCPUAdam under ZeRO offload is refused with one line."""
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ WORKER = Path(__file__).parent / "dist" / "accelerate_worker.py"
 
 
 @pytest.mark.slow
-def test_prepare_under_ddp_and_fsdp2_equals_the_plain_loop(tmp_path):
+def test_prepare_under_ddp_fsdp2_and_deepspeed_equals_the_plain_loop(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ref = reference(6, 2 * 2 * 2, 1.0)
-    for kind in ("ddp", "fsdp2"):
+    for kind in ("ddp", "fsdp2", "deepspeed"):
         weights = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
         diff = max(float((weights[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
         assert diff < 1e-5, (kind, diff)

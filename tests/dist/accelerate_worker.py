@@ -6,8 +6,8 @@ full weights for tests/test_accelerate.py to compare with the one-process loop.
 
     torchrun --nproc_per_node 2 accelerate_worker.py OUT [KIND ...] [--cuda]
 
-KIND: ddp, fsdp2 (CPU and GPU), deepspeed (the DeepSpeed plugin, ZeRO-2; GPU: run by
-benchmarks/gpu_integrations.py).
+KIND: ddp, fsdp2, deepspeed (the DeepSpeed plugin, ZeRO-2; on CPU with DS_ACCELERATOR=cpu);
+all three by default.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def run(kind: str, cuda: bool = False) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     out, cuda = Path(sys.argv[1]), "--cuda" in sys.argv
-    kinds = [a for a in sys.argv[2:] if not a.startswith("--")] or ["ddp", "fsdp2"]
+    kinds = [a for a in sys.argv[2:] if not a.startswith("--")] or ["ddp", "fsdp2", "deepspeed"]
     for kind in kinds:
         weights = run(kind, cuda)
         if int(os.environ.get("RANK", "0")) == 0:
