@@ -15,47 +15,7 @@ from torch import nn
 import galore_ds
 from galore_ds.integrations.torchtitan import GaLoreOptimizersContainer, galore_param_groups
 from galore_ds.integrations.torchtitan_trainspec import TrainSpecOptimizersContainer, build_galore_optimizers
-
-VOCAB, DIM = 64, 32
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.Module()
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(self.attention, name, nn.Linear(DIM, DIM, bias=False))
-        self.feed_forward = nn.Module()
-        self.feed_forward.w1 = nn.Linear(DIM, 48, bias=False)
-        self.feed_forward.w3 = nn.Linear(DIM, 48, bias=False)
-        self.feed_forward.w2 = nn.Linear(48, DIM, bias=False)
-        self.attention_norm = nn.RMSNorm(DIM)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.attention
-        x = self.attention_norm(h)
-        h = h + a.wo(torch.tanh(a.wq(x)) * a.wk(x) + a.wv(x))
-        f = self.feed_forward
-        return h + f.w2(nn.functional.silu(f.w1(h)) * f.w3(h))
-
-
-class TitanLike(nn.Module):
-    """torchtitan's LLaMA module names: tok_embeddings, layers.N.attention.wq, feed_forward.w1, norm, output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleDict({str(i): Block() for i in range(2)})
-        self.norm = nn.RMSNorm(DIM)
-        self.output = nn.Linear(DIM, VOCAB, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h)
-        return self.output(self.norm(h))
-
+from tiny_models import TitanLike, titan_batch, titan_loss
 
 CONFIG = SimpleNamespace(name="AdamW", lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                          implementation="foreach", early_step_in_backward=False)
@@ -68,9 +28,7 @@ def build(model: nn.Module) -> TrainSpecOptimizersContainer:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     for s in steps:
-        x = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(s))
-        logits = model(x[:, :-1])
-        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+        titan_loss(model, titan_batch(s)).backward()
         opt.step()
         opt.zero_grad()
 
@@ -144,18 +102,21 @@ def test_torchtitan_container_equals_the_plain_loop(optimizer):
 @pytest.mark.parametrize("optimizer", sorted(PLAIN))
 def test_torchtitan_checkpoint_through_its_flat_state_dict_and_dcp_resumes_bit_identically(tmp_path, optimizer):
     full, resumed, saved_keys = save_resume_and_finish(lambda m: titan(m, optimizer), tmp_path / "step-4")
-    assert "state.layers.0.attention.wq.weight.proj" in saved_keys   # keyed by name: DCP reshards it
+    assert "galore_ds.0.layers.0.attention.wq.weight.proj" in saved_keys   # keyed by name: DCP reshards it
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_torchtitan_state_creation_step_computes_no_projector_and_changes_nothing():
+    from torchtitan.components.optimizer.utils import init_optim_state
+
     plain_model, probed_model = TitanLike(), TitanLike()
     untouched, probed = titan(plain_model), titan(probed_model)
     before = weights(probed_model)
-    sd = probed.state_dict()     # torchtitan's init_optim_state: zero gradients, lr 0, one step
+    init_optim_state(probed.optimizers[0])   # torchtitan's: zero gradients, lr 0, one step
+    sd = probed.state_dict()
     assert all(torch.equal(before[k], v) for k, v in weights(probed_model).items())
-    assert float(sd["state.layers.0.attention.wq.weight.step"]) == 0
-    assert not sd["state.layers.0.attention.wq.weight.proj"].any()
+    assert float(sd["galore_ds.0.layers.0.attention.wq.weight.step"]) == 0
+    assert not sd["galore_ds.0.layers.0.attention.wq.weight.proj"].any()
     train(plain_model, untouched, range(5))
     train(probed_model, probed, range(5))
     a, b = weights(plain_model), weights(probed_model)
@@ -165,10 +126,36 @@ def test_torchtitan_state_creation_step_computes_no_projector_and_changes_nothin
 def test_torchtitan_names_it_does_not_know_still_reach_its_own_optimizers():
     config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(lr=1e-2, rank=8)[:2] + [
         type(galore_param_groups(lr=1e-2)[0])(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3})])
-    container = config.build(model_parts=[TitanLike()])
+    model = TitanLike()
+    container = config.build(model_parts=[model])
     assert sorted(type(o).__name__ for o in container) == ["AdamW", "GaLoreAdamW"]
+    train(model, container, range(2))
+    sd = container.state_dict()   # each optimizer's state in its own form, side by side
+    assert any(k.startswith("state.") for k in sd) and any(k.startswith("galore_ds.") for k in sd)
+    container.load_state_dict(sd)
     with pytest.raises(ValueError, match="optimizer='Muon'"):
         galore_param_groups(lr=1e-2, optimizer="Muon")
+
+
+@pytest.mark.slow
+def test_torchtitan_container_on_fsdp2_ranks_equals_the_plain_loop_and_resumes(tmp_path):
+    """2 ranks: fully_shard then Config.build, as torchtitan's Trainer orders them; its flat state
+    dict through a multi-rank DCP save and load (tests/dist/torchtitan_worker.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "dist" / "torchtitan_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["dtensor_params"], result
+    assert result["rel_diff_vs_plain"] <= 1e-5, result
+    assert result["resume_bit_identical"], result
 
 
 # ---- torchtitan 0.2: TrainSpec.build_optimizers_fn -------------------------------------------
@@ -188,10 +175,10 @@ def test_dcp_state_creation_step_computes_no_projector_and_changes_nothing():
     plain_model, probed_model = TitanLike(), TitanLike()
     plain, probed = build(plain_model), build(probed_model)
     sd = probed.state_dict()
-    wq = [k for k in sd if k.startswith("state.layers.0.attention.wq.weight")]
+    wq = [k for k in sd if k.startswith("part0.layers.0.attention.wq.weight")]
     assert {k.rsplit(".", 1)[1] for k in wq} >= {"proj", "step", "exp_avg", "exp_avg_sq"}, wq
-    assert float(sd["state.layers.0.attention.wq.weight.step"]) == 0
-    assert not sd["state.layers.0.attention.wq.weight.proj"].any()  # a placeholder, not an SVD of zeros
+    assert float(sd["part0.layers.0.attention.wq.weight.step"]) == 0
+    assert not sd["part0.layers.0.attention.wq.weight.proj"].any()  # a placeholder, not an SVD of zeros
     assert probed.optimizers[0].galore_stats["refreshes"] == 0
     train(plain_model, plain, range(5))
     train(probed_model, probed, range(5))

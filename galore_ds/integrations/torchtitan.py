@@ -9,9 +9,12 @@
 torchtitan builds its optimizers from `OptimizersContainer.Config.param_groups`: regex patterns
 over parameter names, each with an optimizer name and its keyword arguments; groups that name
 the same optimizer become one optimizer instance. `GaLoreOptimizersContainer` is that container
-with three more names, "GaLoreAdamW", "GaLoreAdamW8bit" and "GaLoreAdafactor"; everything else
-(Stateful state_dict keyed by parameter name through DCP, resharding, the schedulers, the
-implementation keys `fused`/`foreach` and `param_names` it puts in every group) is torchtitan's.
+with three more names, "GaLoreAdamW", "GaLoreAdamW8bit" and "GaLoreAdafactor"; the rest (the
+schedulers, the implementation keys `fused`/`foreach` and `param_names` it puts in every group,
+other optimizers' state) is torchtitan's. Its state_dict stays flat and keyed by parameter name
+for DCP, but the GaLore optimizers' part is galore_ds's own (layouts/checkpoint.py): under
+FSDP2 each rank holds its own rows of the low-rank moments, which torchtitan's form would save
+from one rank only.
 `galore_param_groups` writes the three patterns `galore_ds.param_groups` builds by module name:
 the attention and feed-forward weights projected, norms and biases without weight decay, the
 rest (embeddings, output) full-rank with it.
@@ -31,11 +34,15 @@ from torch.optim import Optimizer
 
 try:
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+    from torchtitan.components.optimizer.utils import (
+        get_flat_optim_state_dict, init_optim_state, load_flat_optim_state_dict)
 except ImportError:
     raise ImportError("galore_ds.integrations.torchtitan needs torchtitan >= 0.3: pip install 'galore_ds[torchtitan]' "
                       "(torchtitan 0.2's TrainSpec API: galore_ds.integrations.torchtitan_trainspec)") from None
 
 from galore_ds.core.groups import GALORE_OPTION_DEFAULTS
+from galore_ds.layouts.checkpoint import create_state, load_optim_state_dict, optim_state_dict
+from galore_ds.layouts.optimizer import GaLoreOptimizer
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
@@ -56,6 +63,31 @@ class GaLoreOptimizersContainer(OptimizersContainer):
         if name in OPTIMIZERS:
             return OPTIMIZERS[name]
         return OptimizersContainer._resolve_optimizer_factory(name)
+
+    # torchtitan's flat state dict holds each rank's state tensors as plain tensors, which DCP
+    # saves once, from one rank: right for AdamW's DTensor moments, wrong for GaLore's moments
+    # of this rank's rows of R. The GaLore optimizers' state goes through galore_ds's own flat
+    # form instead (blocks of R as DTensors, so DCP keeps every rank's and reshards them).
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, opt in enumerate(self.optimizers):
+            if isinstance(opt, GaLoreOptimizer):
+                create_state(opt)
+                out.update({f"galore_ds.{i}.{k}": v for k, v in optim_state_dict(opt).items()})
+            else:
+                init_optim_state(opt)
+                out.update(get_flat_optim_state_dict(opt))
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for i, opt in enumerate(self.optimizers):
+            if isinstance(opt, GaLoreOptimizer):
+                create_state(opt)
+                prefix = f"galore_ds.{i}."
+                load_optim_state_dict(opt, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+            else:
+                init_optim_state(opt)
+                load_flat_optim_state_dict(opt, state_dict)
 
 
 def galore_param_groups(lr: float, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,

@@ -1,7 +1,8 @@
-"""torchtitan: the GaLore optimizers as a torchtitan optimizers container.
+"""torchtitan 0.2 (TrainSpec's build_optimizers_fn): the GaLore optimizers as an optimizers container.
+torchtitan 0.3 and later: galore_ds.integrations.torchtitan.
 
     import functools
-    from galore_ds.integrations.torchtitan import build_galore_optimizers
+    from galore_ds.integrations.torchtitan_trainspec import build_galore_optimizers
     spec = dataclasses.replace(get_train_spec("llama3"),
                                build_optimizers_fn=functools.partial(build_galore_optimizers,
                                                                      galore=dict(rank=256, update_proj_gap=200)))
@@ -12,10 +13,11 @@ optimizer_config, parallel_dims, ft_manager); lr, beta1/beta2, eps and weight_de
 the job's [optimizer] section, and its name picks the class (AdamW, AdamW8bit, Adafactor).
 GaLore groups are built by module name (default targets: torchtitan's LLaMA `attention` and
 `feed_forward`), one optimizer per model part, each reading the FSDP2/HSDP placements of its
-parameters. The container is Stateful like torchtitan's: state_dict() is DCP's flattened
-optimizer state keyed by parameter name (get_optimizer_state_dict), so checkpoints reshard.
-DCP first creates the state of a fresh optimizer with a zero-gradient, lr-0 step; the GaLore
-optimizers recognise it and create placeholders only (no projector from zeros, step stays 0).
+parameters. The container is Stateful like torchtitan's: state_dict() is a flat dict keyed by
+parameter name (galore_ds's form, layouts/checkpoint.py: each rank's blocks of the low-rank
+moments as DTensors), so DCP saves every rank's and reshards them. A fresh optimizer's state is
+created first with a zero-gradient, lr-0 step; the GaLore optimizers recognise it and create
+placeholders only (no projector from zeros, step stays 0).
 Keys torchtitan may put in groups or kwargs (fused, foreach, param_names) are accepted.
 """
 from __future__ import annotations
@@ -24,16 +26,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from galore_ds.core.groups import param_groups
+from galore_ds.layouts.checkpoint import create_state, load_optim_state_dict, optim_state_dict
 from galore_ds.layouts.optimizer import GaLoreOptimizer
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor}
 TORCHTITAN_TARGETS = ("attention", "feed_forward")
-_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
@@ -67,13 +68,21 @@ class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
         for opt in self.optimizers:
             opt.zero_grad(*args, **kwargs)
 
+    # galore_ds's flat form (layouts/checkpoint.py), not torch's get_optimizer_state_dict: under
+    # FSDP2 each rank holds its own rows of the low-rank moments as plain tensors, which DCP
+    # would save from one rank only; here they are DTensor blocks, saved from all and resharded.
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for part, opt in zip(self.model_parts, self.optimizers)
-                for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()}
+        out: dict[str, Any] = {}
+        for i, opt in enumerate(self.optimizers):
+            create_state(opt)
+            out.update({f"part{i}.{k}": v for k, v in optim_state_dict(opt).items()})
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for part, opt in zip(self.model_parts, self.optimizers):
-            set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=_FLAT)
+        for i, opt in enumerate(self.optimizers):
+            create_state(opt)
+            prefix = f"part{i}."
+            load_optim_state_dict(opt, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
 
 
 def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: Any = None,

@@ -199,6 +199,11 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     names = {id(p): n for n, p in model.named_parameters()}
+    return {"model": get_model_state_dict(model), "optim": optim_state_dict(opt, names)}
+
+
+def optim_state_dict(opt, names: dict[int, str] | None = None) -> dict[str, Any]:
+    """The optimizer's part of `dcp_state_dict`: a flat dict DCP saves and reshards."""
     optim: dict[str, Any] = {}
     for gi, group in enumerate(opt.param_groups):
         optim[f"group{gi}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
@@ -213,7 +218,45 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
                 where = place(e, key, value)
                 split = where.dim is not None and e.layout.group is not None
                 optim[f"{name}.{key}"] = _dtensor_like(value, e.param, where) if split else value
-    return {"model": get_model_state_dict(model), "optim": optim}
+    return optim
+
+
+def create_state(opt) -> None:
+    """Every state entry in the shape training gives it, before any step: one zero-gradient,
+    lr-0 step, which the GaLore optimizers recognise (placeholders only: no projector computed
+    from zeros, step counts stay 0). What DCP and torchtitan do before a load, so that a
+    state dict has the keys, shapes and layouts to load into; nothing once there is state."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    if opt.state or any(p.grad is not None for p in params):
+        return
+    lrs = [g["lr"] for g in opt.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+
+
+def load_optim_state_dict(opt, optim: dict[str, Any], names: dict[int, str] | None = None) -> None:
+    """Install what DCP loaded into a dict from `optim_state_dict` of an optimizer with the same
+    layout of state (after `create_state`): DTensor blocks arrive resharded for this rank;
+    8-bit codes need the saver's world size (a key missing from the checkpoint says so)."""
+    for gi, group in enumerate(opt.param_groups):
+        group["lr"] = float(optim[f"group{gi}.lr"])
+    for name, e in named_entries(opt, names):
+        shard, shards = _shard_of(e)
+        new: dict[str, Any] = {}
+        for key, value in e.state.items():
+            if not torch.is_tensor(value):
+                new[key] = _from_tensor(optim[f"{name}.{key}"])
+            elif key in EIGHT_BIT_KEYS:
+                new[key] = optim[_shard_key(name, key, shard, shards)].clone()
+            else:
+                new[key] = local_tensor(optim[f"{name}.{key}"]).clone()
+        opt.state[e.key] = new
 
 
 def _rule_keys(opt, e: Entry) -> dict[str, tuple[int, ...]]:
@@ -623,5 +666,5 @@ def load_torch_pieces(opt, binding, directory: str) -> dict[str, torch.Tensor]:
     return whole
 
 
-__all__ = ["dcp_state_dict", "dcp_load", "save_pieces", "load_pieces", "save_torch_pieces", "load_torch_pieces", "place", "low_place", "Place", "named_entries",
+__all__ = ["dcp_state_dict", "dcp_load", "optim_state_dict", "load_optim_state_dict", "create_state", "save_pieces", "load_pieces", "save_torch_pieces", "load_torch_pieces", "place", "low_place", "Place", "named_entries",
            "dequantize", "eight_bit_form"]
