@@ -215,10 +215,17 @@ def optim_state_dict(opt, names: dict[int, str] | None = None) -> dict[str, Any]
             elif key in EIGHT_BIT_KEYS:
                 optim[_shard_key(name, key, shard, shards)] = value
             else:
-                where = place(e, key, value)
-                split = where.dim is not None and e.layout.group is not None
-                optim[f"{name}.{key}"] = _dtensor_like(value, e.param, where) if split else value
+                optim[f"{name}.{key}"] = dtensor_block(e, key, value)
     return optim
+
+
+def dtensor_block(e: Entry, key: str, value: torch.Tensor) -> torch.Tensor:
+    """State tensor `key` of entry `e` as DCP should see it: a DTensor block of its logical
+    tensor when the rank holds a split part of it, else the tensor itself (whole, the same on
+    every rank that holds it)."""
+    where = place(e, key, value)
+    split = where.dim is not None and e.layout.group is not None
+    return _dtensor_like(value, e.param, where) if split else value
 
 
 def create_state(opt) -> None:
@@ -326,10 +333,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
             # the saved dtype: the rule keeps some moments in the weights' dtype (AdamW's on a
             # bf16 norm), and a moment that comes back in another dtype rounds differently
             dtype = saved.get(f"optim.{name}.{key}", (None, torch.float32))[1]
-            t = torch.zeros(shape, device=device, dtype=dtype)
-            where = place(e, key, t)
-            split = where.dim is not None and e.layout.group is not None
-            st[key] = _dtensor_like(t, e.param, where) if split else t
+            st[key] = dtensor_block(e, key, torch.zeros(shape, device=device, dtype=dtype))
         for key, value in st.items():
             optim[f"{name}.{key}"] = value
         plans.append((name, e, st, raw, reads, shards_saved))

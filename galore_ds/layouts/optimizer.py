@@ -173,9 +173,34 @@ class GaLoreOptimizer(Optimizer):
             check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]])
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with two additions: `galore` (the delayed clip coefficient), and
+        under FSDP2 each rank's block of a split state tensor (its rows of R's moments, its
+        rows of a full-rank parameter's) as a DTensor block of the logical tensor. As plain
+        tensors, torch's get_optimizer_state_dict + DCP would save them from one rank only
+        (and a full state dict would take one rank's block for the whole); as DTensors every
+        rank's block is saved, and DCP reshards them on load. GaLoreAdamW8bit's codes have an
+        absmax per 256 values of the rank's own block, so they are not blocks of one tensor:
+        on FSDP2 save that optimizer with galore_ds.layouts.checkpoint.dcp_state_dict."""
         sd = super().state_dict()
         sd["galore"] = {"next_clip_coef": self.next_clip_coef}
+        if dist.is_available() and dist.is_initialized():
+            self._split_state_as_dtensors(sd["state"])
         return sd
+
+    def _split_state_as_dtensors(self, state: dict[int, dict[str, Any]]) -> None:
+        from galore_ds.layouts.checkpoint import EIGHT_BIT_KEYS, dtensor_block
+
+        index = 0   # torch's state_dict numbers parameters in group order
+        for group in self.param_groups:
+            for pos, p in enumerate(group["params"]):
+                st = state.get(index)
+                index += 1
+                if not st or not is_dtensor(p):
+                    continue
+                e = self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos, len(group["params"]), None)
+                # a new dict: torch's state_dict shares the per-parameter dicts with self.state
+                state[index - 1] = {key: dtensor_block(e, key, value) if torch.is_tensor(value)
+                                    and key not in EIGHT_BIT_KEYS else value for key, value in st.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
@@ -188,8 +213,8 @@ class GaLoreOptimizer(Optimizer):
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
-                    if torch.is_tensor(value):
-                        value = value.to(device=local_tensor(p).device, copy=True)
+                    if torch.is_tensor(value):   # a DTensor block (FSDP2, see state_dict): this rank's part
+                        value = local_tensor(value).to(device=local_tensor(p).device, copy=True)
                         self.state[p][key] = pj.stored_layout(value) if key == "proj" else value
 
     # ------------------------------------------------------------------ layouts

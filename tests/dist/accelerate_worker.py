@@ -98,10 +98,19 @@ def main() -> None:
         weights = run(kind, cuda)
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(weights, out / f"{kind}.pt")
-    import torch.distributed as dist
+    import gc
 
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    # What holds the process group (Accelerate's state, DeepSpeed's engine) goes before exit, so
+    # gloo's threads are joined, not killed at interpreter exit (SIGABRT: Engine.close says why).
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    gc.collect()
 
 
 if __name__ == "__main__":
