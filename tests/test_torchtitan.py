@@ -67,33 +67,21 @@ def save_resume_and_finish(make, path) -> tuple[dict, dict, list[str]]:
 
 
 # ---- torchtitan >= 0.3: its OptimizersContainer, Config and ParamGroupConfig ----------------
-TITAN_GALORE = dict(rank=8, update_proj_gap=3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-PLAIN = {"GaLoreAdamW": galore_ds.GaLoreAdamW, "GaLoreAdamW8bit": galore_ds.GaLoreAdamW8bit,
-         "GaLoreAdafactor": galore_ds.GaLoreAdafactor}
+NAMES = ("GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit")
 
 
 def titan(model: nn.Module, optimizer: str = "GaLoreAdamW") -> GaLoreOptimizersContainer:
-    """What torchtitan's Trainer does with config.optimizer: Config.build(model_parts=...)
-    (implementation left at torchtitan's default, "fused": every group gets fused=True)."""
-    kwargs = dict(TITAN_GALORE)
-    if optimizer == "GaLoreAdafactor":
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("betas", "eps")}
-    config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(lr=1e-2, optimizer=optimizer, **kwargs))
-    return config.build(model_parts=[model])
+    return fsdp_checkpoint_worker.optimizer(model, "torchtitan", optimizer)
 
 
-def plain(model: nn.Module, optimizer: str = "GaLoreAdamW") -> torch.optim.Optimizer:
-    groups = galore_ds.param_groups(model, rank=8, update_proj_gap=3, target_modules=("attention", "feed_forward"),
-                                    weight_decay=0.1)
-    extra = dict(relative_step=False) if optimizer == "GaLoreAdafactor" else dict(betas=(0.9, 0.95), eps=1e-8)
-    return PLAIN[optimizer](groups, lr=1e-2, **extra)
+plain = fsdp_checkpoint_worker.plain_optimizer
 
 
-@pytest.mark.parametrize("optimizer", sorted(PLAIN))
+@pytest.mark.parametrize("optimizer", NAMES)
 def test_torchtitan_container_equals_the_plain_loop(optimizer):
     ref_model, model = TitanLike(), TitanLike()
     ref, container = plain(ref_model, optimizer), titan(model, optimizer)
-    assert len(container) == 1 and isinstance(container.optimizers[0], PLAIN[optimizer])
+    assert len(container) == 1 and isinstance(container.optimizers[0], getattr(galore_ds, optimizer))
     galore_groups = [g for g in container.optimizers[0].param_groups if "rank" in g]
     assert len(galore_groups) == 1 and sorted(galore_groups[0]["param_names"]) == sorted(
         n for n, p in model.named_parameters() if (".attention.w" in n or ".feed_forward.w" in n))
@@ -104,7 +92,7 @@ def test_torchtitan_container_equals_the_plain_loop(optimizer):
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("optimizer", sorted(PLAIN))
+@pytest.mark.parametrize("optimizer", NAMES)
 def test_torchtitan_checkpoint_through_its_flat_state_dict_and_dcp_resumes_bit_identically(tmp_path, optimizer):
     full, resumed, saved_keys = save_resume_and_finish(lambda m: titan(m, optimizer), tmp_path / "step-4")
     assert "galore_ds.0.layers.0.attention.wq.weight.proj" in saved_keys   # keyed by name: DCP reshards it

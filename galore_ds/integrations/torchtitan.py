@@ -73,7 +73,7 @@ class GaLoreOptimizersContainer(OptimizersContainer):
         for i, opt in enumerate(self.optimizers):
             if isinstance(opt, GaLoreOptimizer):
                 create_state(opt)
-                out.update({f"galore_ds.{i}.{k}": v for k, v in optim_state_dict(opt).items()})
+                out.update(optim_state_dict(opt, prefix=f"galore_ds.{i}."))
             else:
                 init_optim_state(opt)
                 out.update(get_flat_optim_state_dict(opt))
@@ -82,9 +82,7 @@ class GaLoreOptimizersContainer(OptimizersContainer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for i, opt in enumerate(self.optimizers):
             if isinstance(opt, GaLoreOptimizer):
-                create_state(opt)
-                prefix = f"galore_ds.{i}."
-                load_optim_state_dict(opt, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+                load_optim_state_dict(opt, state_dict, prefix=f"galore_ds.{i}.")
             else:
                 init_optim_state(opt)
                 load_flat_optim_state_dict(opt, state_dict)

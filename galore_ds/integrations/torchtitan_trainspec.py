@@ -75,14 +75,12 @@ class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
         out: dict[str, Any] = {}
         for i, opt in enumerate(self.optimizers):
             create_state(opt)
-            out.update({f"part{i}.{k}": v for k, v in optim_state_dict(opt).items()})
+            out.update(optim_state_dict(opt, prefix=f"part{i}."))
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for i, opt in enumerate(self.optimizers):
-            create_state(opt)
-            prefix = f"part{i}."
-            load_optim_state_dict(opt, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+            load_optim_state_dict(opt, state_dict, prefix=f"part{i}.")
 
 
 def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: Any = None,

@@ -202,20 +202,21 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
     return {"model": get_model_state_dict(model), "optim": optim_state_dict(opt, names)}
 
 
-def optim_state_dict(opt, names: dict[int, str] | None = None) -> dict[str, Any]:
-    """The optimizer's part of `dcp_state_dict`: a flat dict DCP saves and reshards."""
+def optim_state_dict(opt, names: dict[int, str] | None = None, prefix: str = "") -> dict[str, Any]:
+    """The optimizer's part of `dcp_state_dict`: a flat dict DCP saves and reshards (every key
+    starts with `prefix`, so several optimizers' dicts can share one checkpoint)."""
     optim: dict[str, Any] = {}
     for gi, group in enumerate(opt.param_groups):
-        optim[f"group{gi}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        optim[f"{prefix}group{gi}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
     for name, e in named_entries(opt, names):
         shard, shards = _shard_of(e)
         for key, value in e.state.items():
             if not torch.is_tensor(value):
-                optim[f"{name}.{key}"] = _as_tensor(value)
+                optim[f"{prefix}{name}.{key}"] = _as_tensor(value)
             elif key in EIGHT_BIT_KEYS:
-                optim[_shard_key(name, key, shard, shards)] = value
+                optim[prefix + _shard_key(name, key, shard, shards)] = value
             else:
-                optim[f"{name}.{key}"] = dtensor_block(e, key, value)
+                optim[f"{prefix}{name}.{key}"] = dtensor_block(e, key, value)
     return optim
 
 
@@ -247,22 +248,25 @@ def create_state(opt) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def load_optim_state_dict(opt, optim: dict[str, Any], names: dict[int, str] | None = None) -> None:
-    """Install what DCP loaded into a dict from `optim_state_dict` of an optimizer with the same
-    layout of state (after `create_state`): DTensor blocks arrive resharded for this rank;
-    8-bit codes need the saver's world size (a key missing from the checkpoint says so)."""
+def load_optim_state_dict(opt, optim: dict[str, Any], names: dict[int, str] | None = None,
+                          prefix: str = "") -> None:
+    """Install what DCP loaded into a dict from `optim_state_dict` (same `prefix`) of this
+    optimizer, with its state created first (`create_state`) so the entries match: DTensor
+    blocks arrive resharded for this rank; 8-bit codes need the saver's world size (a key
+    missing from the checkpoint says so)."""
+    create_state(opt)
     for gi, group in enumerate(opt.param_groups):
-        group["lr"] = float(optim[f"group{gi}.lr"])
+        group["lr"] = float(optim[f"{prefix}group{gi}.lr"])
     for name, e in named_entries(opt, names):
         shard, shards = _shard_of(e)
         new: dict[str, Any] = {}
         for key, value in e.state.items():
             if not torch.is_tensor(value):
-                new[key] = _from_tensor(optim[f"{name}.{key}"])
+                new[key] = _from_tensor(optim[f"{prefix}{name}.{key}"])
             elif key in EIGHT_BIT_KEYS:
-                new[key] = optim[_shard_key(name, key, shard, shards)].clone()
+                new[key] = optim[prefix + _shard_key(name, key, shard, shards)].clone()
             else:
-                new[key] = local_tensor(optim[f"{name}.{key}"]).clone()
+                new[key] = local_tensor(optim[f"{prefix}{name}.{key}"]).clone()
         opt.state[e.key] = new
 
 

@@ -53,13 +53,19 @@ def sharded_model() -> torch.nn.Module:
 
 
 def optimizer(model: torch.nn.Module, api: str, name: str) -> torch.optim.Optimizer:
+    """torchtitan: what its Trainer does with config.optimizer, Config.build(model_parts=...)
+    (implementation left at torchtitan's default, "fused": every group gets fused=True);
+    torch: the public class on the user's model. Both with the same HYPER settings."""
     if api == "torchtitan":
-        config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(lr=1e-2, optimizer=name, **HYPER))
+        rule = {} if name == "GaLoreAdafactor" else {k: HYPER[k] for k in ("betas", "eps")}
+        config = GaLoreOptimizersContainer.Config(param_groups=galore_param_groups(
+            lr=1e-2, optimizer=name, **{k: HYPER[k] for k in ("rank", "update_proj_gap", "weight_decay")}, **rule))
         return config.build(model_parts=[model])
     return plain_optimizer(model, name)
 
 
 def plain_optimizer(model: torch.nn.Module, name: str) -> torch.optim.Optimizer:
+    """The plain galore_ds loop's optimizer (the reference), by class name."""
     groups = galore_ds.param_groups(model, target_modules=("attention", "feed_forward"),
                                     **{k: HYPER[k] for k in ("rank", "update_proj_gap", "weight_decay")})
     extra = dict(relative_step=False) if name == "GaLoreAdafactor" else dict(betas=HYPER["betas"], eps=HYPER["eps"])
