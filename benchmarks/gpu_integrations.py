@@ -8,8 +8,9 @@ loop on the same global batches.
 CUDA paths: the Trainer (GaLoreTrainer) under FSDP2 and under DeepSpeed ZeRO-2 and ZeRO-3;
 Accelerate's FSDP2 plugin and DeepSpeed plugin (ZeRO-2); plus the Trainer and Accelerate DDP
 paths. --dry-run runs the same script on CPU with all of them but the Trainer's FSDP2, which
-Accelerate leaves off on CPU (Accelerate's own FSDP2 is called as its prepare() calls it). Each path also reports
-the layout its parameters had (DTensor, ZeRO partition), so an engine silently left off fails. Writes benchmarks/results/gpu_integrations[_dry].json.
+Accelerate leaves off on CPU (Accelerate's own FSDP2 is called as its prepare() calls it).
+Each path also reports the layout its parameters had (DTensor, ZeRO partition), so an engine
+silently left off fails. Writes benchmarks/results/gpu_integrations[_dry].json.
 Tolerance: 1e-5 on CPU (fp32, as the tests); 1e-4 on CUDA (TF32 off, but cuBLAS and the
 reference's CPU kernels round differently).
 """
