@@ -40,7 +40,8 @@ Per method (gradients reduced once per optimizer step; accumulation stays local)
             randomized: per subspace-iteration round, all_reduces of Y = G X (rows x k) and
               G^T Y (dim x k); warm: power_iters + 1 rounds, k = r + oversample (power_iters
               rounds, k = r, if oversample = 0); cold (first refresh): first_power_iters + 1
-              rounds, k = r + max(oversample, 8). Recipe defaults 1, 8, 4.
+              rounds, k = r + max(oversample, 8). Defaults here 1, 8, 4: the recipe's oversample was 8
+              when results/comm.json was measured; it is 0 now (galore_ds/core/settings.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """Accelerate: `accelerator.prepare(model, galore_optimizer)` under DDP, under the FSDP2 plugin
 (the optimizer built before fully_shard, its parameters swapped for the sharded ones) and under
-the DeepSpeed plugin (ZeRO-2, the client optimizer on its partitions) trains as the one-process galore_ds loop on the same global batches (1e-5); Accelerate's
-silent swap to DeepSpeedCPUAdam under ZeRO offload is refused with one line."""
+the DeepSpeed plugin (ZeRO-2, the client optimizer on its partitions) trains as the one-process
+galore_ds loop on the same global batches (1e-5), with the optimizer's clipping and with
+`accelerator.clip_grad_norm_`; `accelerator.save_state`/`load_state` (DDP, DeepSpeed plugin) x
+the three optimizers x clip timing resume bit-identically; Accelerate's silent swap to
+DeepSpeedCPUAdam under ZeRO offload is refused with one line. One torchrun launch runs every job."""
 from __future__ import annotations
 
 import os
@@ -13,23 +16,74 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from accelerate_worker import RESUME_FACTORS, RESUMES, reference_accelerator_clip  # noqa: E402
 from hf_worker import reference  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist" / "accelerate_worker.py"
+FORMS = ("ddp", "fsdp2", "deepspeed")
 
 
-@pytest.mark.slow
-def test_prepare_under_ddp_fsdp2_and_deepspeed_equals_the_plain_loop(tmp_path):
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> Path:
+    """Every job of accelerate_worker.py in one 2-rank torchrun launch; rank 0's weight files."""
+    out = tmp_path_factory.mktemp("accelerate")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(tmp_path)]
+           str(WORKER), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _rel(weights: dict, ref: dict) -> float:
+    return max(float((weights[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+
+@pytest.mark.slow
+def test_prepare_under_ddp_fsdp2_and_deepspeed_equals_the_plain_loop(jobs):
     ref = reference(6, 2 * 2 * 2, 1.0)
-    for kind in ("ddp", "fsdp2", "deepspeed"):
-        weights = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
-        diff = max(float((weights[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+    for kind in FORMS:
+        diff = _rel(torch.load(jobs / f"{kind}.pt", weights_only=True), ref)
         assert diff < 1e-5, (kind, diff)
+
+
+@pytest.mark.slow
+def test_accelerator_clip_grad_norm_equals_the_plain_loop_with_clip_grad_norm(jobs):
+    """`accelerator.clip_grad_norm_(model.parameters(), c)` before `opt.step()` (the optimizer
+    without max_grad_norm) equals one process calling torch.nn.utils.clip_grad_norm_: under DDP
+    on the averaged gradients, under FSDP2 on the DTensor shards (norm over the whole model);
+    under the DeepSpeed plugin the call only reads the norm and DeepSpeed clips the full
+    gradient from the plugin's gradient_clipping (Accelerate's documented behaviour)."""
+    ref = reference_accelerator_clip(6, 2 * 2 * 2)
+    unclipped = reference(6, 2 * 2 * 2, 0.0)
+    assert _rel(unclipped, ref) > 1e-3   # the clip binds: the comparison can tell
+    for kind in FORMS:
+        diff = _rel(torch.load(jobs / f"{kind}_accelerator_clip.pt", weights_only=True), ref)
+        assert diff < 1e-5, (kind, diff)
+
+
+def test_resume_jobs_cover_every_pair_of_form_optimizer_and_clipping():
+    import pairwise
+
+    cases = [dict(zip(RESUME_FACTORS, r)) for r in RESUMES]
+    assert pairwise.uncovered(RESUME_FACTORS, cases) == [] and len(cases) <= 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,opt,clip", RESUMES)
+def test_save_state_load_state_resumes_bit_identically(jobs, kind, opt, clip):
+    """accelerator.save_state after step 3 of 6; a fresh Accelerator, model and optimizer
+    load_state it and take steps 3-5: the same weights bit for bit, and delayed clipping's
+    carried coefficient comes back as saved."""
+    got = torch.load(jobs / f"resume_{kind}_{opt}_{clip}.pt", weights_only=True)
+    a, b = got["uninterrupted"], got["resumed"]
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff == 0.0, diff
+    saved, loaded = got["coef"].tolist()
+    assert saved == loaded, (saved, loaded)
+    if clip == "delayed":
+        assert saved < 1.0, saved   # a real carried coefficient, not the initial 1.0
 
 
 OFFLOAD_SWAP = r"""

@@ -69,9 +69,17 @@ def test_fsdp_case(world, case, tmp_path_factory):
     for rank, res in enumerate(report["ranks"]):
         r = res[case]
         assert r["ok"], f"rank {rank}: {r.get('error')}\n{r.get('trace')}"
+    r = report["ranks"][0][case]
+    skipped = "skipped" in r
+    if case.startswith("ckpt_"):   # tests/dist/checkpoint_paths_worker.py: saved on 2, loaded on 2 and 3
+        assert skipped == (world == 4), r
+        if world == 2 and case.rsplit("_", 1)[-1] in ("exact", "delayed"):
+            assert r["bit_identical"], r   # same world size: bit-identical
+        if world == 3 and case.startswith("ckpt_per_rank"):
+            assert "\n" not in r["refused"] and "dcp" in r["refused"], r
+        return
     only = next((w for key, w in ONLY_ON.items() if key in case), None)
-    skipped = "skipped" in report["ranks"][0][case]
-    assert skipped == (only is not None and only != world), report["ranks"][0][case]
+    assert skipped == (only is not None and only != world), r
 
 
 def test_pairwise_cases_cover_every_pair():
@@ -79,6 +87,16 @@ def test_pairwise_cases_cover_every_pair():
 
     assert pairwise.uncovered(FACTORS, PAIRWISE) == []
     assert len(PAIRWISE) < 20
+
+
+def test_checkpoint_path_cases_cover_every_pair():
+    """path x optimizer x clip timing, pairwise in the suite (each case on 2 ranks and 3);
+    benchmarks/checkpoint_paths.py runs the full product."""
+    import checkpoint_paths_worker as ck
+    import pairwise
+
+    assert pairwise.uncovered(ck.FACTORS, ck.PAIRWISE) == []
+    assert len(ck.PAIRWISE) == len(ck.PATHS) * len(ck.OPTIMIZERS)
 
 
 def test_one_rank_holds_no_rows_at_four_and_still_steps(tmp_path_factory):

@@ -394,3 +394,158 @@ def test_nan_in_immediate_mode_drops_only_that_update(gap_step):
     assert len(changed) == len(before) - 1
     assert lw.nonfinite_params_skipped == 1 and lw.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ issue 21: loops the wrapper meets
+def _split_off(groups, late):
+    """param_groups without the parameters in `late` (they join later through add_param_group)."""
+    ids = {id(p) for p in late}
+    out = []
+    for g in groups:
+        keep = [i for i, p in enumerate(g["params"]) if id(p) not in ids]
+        out.append({**g, "params": [g["params"][i] for i in keep],
+                    "param_names": [g["param_names"][i] for i in keep]})
+    return out
+
+
+def _late_groups(model, groups):
+    """A full-rank group (lm_head) and a GaLore group (one MLP matrix) with the GaLore keys of
+    param_groups' own GaLore group, so both optimizers read the same settings."""
+    galore = next(g for g in groups if "rank" in g)
+    keys = {k: v for k, v in galore.items() if k not in ("params", "param_names", "name")}
+    name = "model.layers.1.mlp.down_proj.weight"
+    return [{"params": [model.lm_head.weight], "param_names": ["lm_head.weight"]},
+            {"params": [model.get_parameter(name)], "param_names": [name], **keys}]
+
+
+def test_a_group_added_after_construction_is_updated_like_the_plain_optimizer():
+    """issue 21 #8/9: opt.add_param_group(...) after LayerwiseOptimizer was built (progressive
+    unfreezing). The wrapper hooks the new parameters at its next step(); the weights equal the
+    ordinary optimizer given the same groups at the same step (k=2, exact clipping, gap 2: the
+    new GaLore matrix refreshes), and the new parameters' gradients are freed like the others.
+    Gradients a late parameter gathered before (nobody freed them) join its first step, as in
+    the plain loop that calls zero_grad after step."""
+    k, before, after = 2, 2, 4
+
+    def build(**kw):
+        model = tiny_llama(seed=0)
+        groups = param_groups(model, rank=8, update_proj_gap=2, stagger=True)
+        late = _late_groups(model, groups)
+        opt = GaLoreAdamW(_split_off(groups, [p for g in late for p in g["params"]]), lr=1e-2, **kw)
+        return model, opt, late
+
+    ref, ref_opt, ref_late = build(max_grad_norm=0.05)
+    model, opt, late = build()
+    start = [p.detach().clone() for g in late for p in g["params"]]
+    lw = LayerwiseOptimizer(opt, accumulation_steps=k, max_grad_norm=0.05)
+    for s in range(before + after):
+        if s == before:
+            for g_ref, g in zip(ref_late, late):
+                ref_opt.add_param_group(g_ref)
+                opt.add_param_group(g)
+        loss_of(ref, big_batch(s, k)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)  # (after the step: a late parameter's earlier gradients count, as in lw)
+        x = big_batch(s, k)
+        for i in range(k):
+            (loss_of(model, x[i * MICRO:(i + 1) * MICRO]) / k).backward()
+            lw.step()
+        if s >= before:
+            assert all(p.grad is None for p in model.parameters()), "gradients not freed"
+    moved = [float((p - q).abs().max()) for p, q in zip((p for g in late for p in g["params"]), start)]
+    assert min(moved) > 1e-3, moved
+    assert max_abs_diff(ref, model) < 1e-5
+
+
+@pytest.mark.parametrize("clip_timing", ["exact", "delayed"])
+def test_a_partial_last_window_closed_with_end_window_equals_the_plain_loop(clip_timing):
+    """issue 21 #10, the plain loop: an epoch of 5 micro-batches with accumulation_steps=2 steps
+    on windows of 2, 2 and 1 (`(i + 1) % k == 0 or i == last`, each loss divided by k, as
+    Accelerate's accumulate() does at the end of a dataloader). lw.step(end_window=True) closes
+    the partial window; 2 epochs with clipping (exact, or delayed: the previous step's
+    coefficient) and gap 2, so refreshes land in partial windows: equal to the ordinary
+    optimizer within 1e-5. Without end_window the partial window runs into the next epoch."""
+    k, n, epochs, clip = 2, 5, 2, 0.05
+    ref, ref_opt = make(lr=1e-2, max_grad_norm=clip, clip_timing=clip_timing)
+    model, opt = make(lr=1e-2)
+    lw = LayerwiseOptimizer(opt, accumulation_steps=k, max_grad_norm=clip, clip_timing=clip_timing)
+    steps = 0
+    for _ in range(epochs):
+        for i in range(n):
+            x = batch(i, VOCAB, bsz=MICRO, seq=SEQ)
+            last = (i + 1) % k == 0 or i == n - 1
+            (loss_of(ref, x) / k).backward()
+            if last:
+                ref_opt.step()
+                ref_opt.zero_grad(set_to_none=True)
+            (loss_of(model, x) / lw.loss_divisor).backward()
+            steps += lw.step(end_window=i == n - 1)
+            assert lw.micro_step == (0 if last else 1)
+            if last:
+                assert lw.grad_norm == pytest.approx(ref_opt.grad_norm, rel=1e-5)
+                assert lw.clip_coef == pytest.approx(ref_opt.clip_coef, rel=1e-5)
+    assert steps == lw.global_step == epochs * 3
+    assert opt.galore_stats["refreshes"] == ref_opt.galore_stats["refreshes"] > 0
+    assert lw.clip_coef < 1.0
+    assert max_abs_diff(ref, model) < 1e-5
+
+
+def _accelerate_run(per_layer: bool):
+    """Accelerate's gradient accumulation on a 5-batch dataloader, 2 per window: the last
+    window holds 1 batch (sync_gradients at the end of the dataloader), each loss divided by 2
+    by accelerator.backward. The ordinary optimizer goes through accelerator.prepare; the
+    per-layer one closes each window where Accelerate syncs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, opt = make(lr=1e-2, max_grad_norm=0.05) if not per_layer else make(lr=1e-2)
+    loader = torch.utils.data.DataLoader([batch(i, VOCAB, bsz=1, seq=SEQ)[0] for i in range(5 * MICRO)],
+                                         batch_size=MICRO)
+    if per_layer:
+        model, loader = accelerator.prepare(model, loader)
+        lw = LayerwiseOptimizer(opt, accumulation_steps=2, max_grad_norm=0.05)
+    else:
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+    steps = 0
+    for _ in range(2):
+        for x in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_of(model, x))
+                if per_layer:
+                    steps += lw.step(end_window=accelerator.sync_gradients)
+                else:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+    if per_layer:
+        assert steps == lw.global_step == 6
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return accelerator.unwrap_model(model)
+
+
+def test_accelerate_gradient_accumulation_partial_window_equals_the_prepared_optimizer():
+    """Accelerate's accumulate() steps at the end of the dataloader on a partial window; the
+    per-layer wrapper told so through step(end_window=accelerator.sync_gradients) gives the
+    weights of the ordinary optimizer Accelerate prepared (exact clipping, 2 epochs)."""
+    ref = _accelerate_run(per_layer=False)
+    model = _accelerate_run(per_layer=True)
+    assert max_abs_diff(ref, model) < 1e-5
+
+
+def test_clip_grad_norm_between_backward_and_step_is_refused():
+    """torch.nn.utils.clip_grad_norm_ after backward in per-layer mode: the GaLore matrices'
+    gradients are already projected and freed, so it would clip the rest by a partial norm
+    after the hooks counted them; refused with one line naming max_grad_norm. (Where every
+    update already ran inside the hooks, no gradient is left for it to change: it returns 0.)"""
+    model, opt = make(lr=1e-2)
+    lw = LayerwiseOptimizer(opt, max_grad_norm=1.0)  # exact clipping: updates wait for step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_of(model, big_batch(0, 1)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    with pytest.raises(RuntimeError, match="max_grad_norm") as err:
+        lw.step()
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

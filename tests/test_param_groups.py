@@ -19,7 +19,10 @@ def test_llama_groups():
     assert _names(model, groups["decay"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert all("norm" in n for n in _names(model, groups["no_decay"]))
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["galore"]["weight_decay"] == 0.1
-    assert groups["galore"]["rank"] == 8 and groups["galore"]["scale"] == 0.25
+    # scale was not passed, so param_groups leaves it to the optimizer (torch's rule): the default
+    assert groups["galore"]["rank"] == 8 and "scale" not in groups["galore"]
+    built = {g["name"]: g for g in galore_ds.GaLoreAdamW(list(groups.values())).param_groups}
+    assert built["galore"]["scale"] == 0.25 and built["galore"]["weight_decay"] == 0.1
 
 
 def test_tied_embedding_appears_once():

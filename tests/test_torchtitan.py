@@ -21,6 +21,7 @@ from tiny_models import TitanLike, titan_batch, titan_loss
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import fsdp_checkpoint_worker  # noqa: E402
+import torchtitan_clip_worker  # noqa: E402
 
 CONFIG = SimpleNamespace(name="AdamW", lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
                          implementation="foreach", early_step_in_backward=False)
@@ -141,6 +142,58 @@ def test_torchtitan_container_on_fsdp2_ranks_equals_the_plain_loop_and_resumes(t
     assert result["resume_bit_identical"], result
 
 
+# ---- clipping: the optimizer's max_grad_norm through the container, and torchtitan's own ---------
+@pytest.mark.parametrize("timing", ["exact", "delayed"])
+def test_torchtitan_max_grad_norm_and_clip_timing_reach_the_optimizer(timing):
+    """Finding 2: galore_param_groups(..., max_grad_norm=0.01) built an optimizer with
+    max_grad_norm=None (the run equalled the unclipped loop, 7.4e-2 from the clipped one)."""
+    ref_model, model, free_model = TitanLike(), TitanLike(), TitanLike()
+    container = torchtitan_clip_worker.container(model, max_grad_norm=0.01, clip_timing=timing)
+    opt = container.optimizers[0]
+    assert (opt.max_grad_norm, opt.clip_timing) == (0.01, timing)
+    assert not any(k in g for g in opt.param_groups for k in ("max_grad_norm", "clip_timing"))
+    ref = torchtitan_clip_worker.reference(ref_model, max_grad_norm=0.01, clip_timing=timing)
+    unclipped = torchtitan_clip_worker.reference(free_model)
+    for m, o in ((ref_model, ref), (model, container), (free_model, unclipped)):
+        torchtitan_clip_worker.train(m, o, range(7), 0, 1)
+    assert torchtitan_clip_worker.rel(model, ref_model) <= 1e-5
+    assert torchtitan_clip_worker.rel(free_model, ref_model) > 1e-3   # the clip did something
+
+
+def test_torchtitan_trainers_clip_grad_norm_equals_torchs_clip_in_the_plain_loop():
+    """torchtitan's Trainer clips every step with training.max_norm through its
+    dist_utils.clip_grad_norm_ on the model's parameters, before the container steps: the
+    full gradients are clipped, as torch.nn.utils.clip_grad_norm_ does in the plain loop."""
+    from torchtitan.distributed import utils as dist_utils
+
+    ref_model, model = TitanLike(), TitanLike()
+    container, ref = torchtitan_clip_worker.container(model), torchtitan_clip_worker.reference(ref_model)
+    torchtitan_clip_worker.train(model, container, range(7), 0, 1,
+                                 clip=lambda ps: dist_utils.clip_grad_norm_(ps, 0.05, foreach=True))
+    torchtitan_clip_worker.train(ref_model, ref, range(7), 0, 1,
+                                 clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05))
+    assert torchtitan_clip_worker.rel(model, ref_model) <= 1e-5
+
+
+def test_torchtitan_optimizer_wide_keys_that_differ_between_groups_are_refused():
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    groups = galore_param_groups(lr=1e-2, rank=8)
+    groups[1] = ParamGroupConfig(pattern=groups[1].pattern, optimizer_name="GaLoreAdamW",
+                                 optimizer_kwargs={**groups[1].optimizer_kwargs, "max_grad_norm": 0.5})
+    with pytest.raises(ValueError, match="max_grad_norm.*optimizer-wide.*every GaLoreAdamW group"):
+        GaLoreOptimizersContainer.Config(param_groups=groups).build(model_parts=[TitanLike()])
+
+
+@pytest.mark.slow
+def test_torchtitan_clipping_on_fsdp2_ranks_equals_the_one_process_loop(tmp_path):
+    """2 FSDP2 ranks (tests/dist/torchtitan_clip_worker.py): the optimizer's clip, exact and
+    delayed, through galore_param_groups, and torchtitan's clip_grad_norm_ before the step."""
+    report = torchtitan_clip_worker.run(tmp_path)
+    for case, r in report.items():
+        assert r["ok"], f"{case}: {r.get('error')}\n{r.get('trace')}"
+        assert r["dtensor_params"] and r["rel_diff_vs_one_process"] <= 1e-5, (case, r)
+
 # ---- torchtitan 0.2: TrainSpec.build_optimizers_fn -------------------------------------------
 
 def test_galore_groups_are_torchtitans_attention_and_feed_forward():
@@ -179,3 +232,35 @@ def test_torchtitan_options_it_cannot_honour_are_refused():
         build_galore_optimizers([TitanLike()], SimpleNamespace(**{**vars(CONFIG), "early_step_in_backward": True}))
     with pytest.raises(ValueError, match="optimizer.name"):
         build_galore_optimizers([TitanLike()], SimpleNamespace(**{**vars(CONFIG), "name": "Muon"}))
+
+
+def test_torchtitan_02_adafactor_takes_the_jobs_lr():
+    """Finding 14: [optimizer] name = "Adafactor" always raised "lr is set and relative_step=True":
+    torchtitan's job always gives an lr (its schedulers scale it), so relative_step is off,
+    as in the 0.3 container."""
+    adafactor = SimpleNamespace(**{**vars(CONFIG), "name": "Adafactor"})
+    model, ref_model = TitanLike(), TitanLike()
+    container = build_galore_optimizers([model], adafactor, None, None, galore=GALORE)
+    ref = galore_ds.GaLoreAdafactor(galore_ds.param_groups(ref_model, target_modules=("attention", "feed_forward"),
+                                                           **GALORE), lr=1e-2, relative_step=False, weight_decay=0.1)
+    assert isinstance(container.optimizers[0], galore_ds.GaLoreAdafactor)
+    train(model, container, range(4))
+    train(ref_model, ref, range(4))
+    a, b = weights(model), weights(ref_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchtitan_02_max_grad_norm_in_galore_reaches_the_optimizer():
+    """The 0.2 factory's `galore` dict is the one place its user can write the optimizer's own
+    clip: it reaches the constructor (a group key would be refused)."""
+    model, ref_model = TitanLike(), TitanLike()
+    container = build_galore_optimizers([model], CONFIG, None, None,
+                                        galore={**GALORE, "max_grad_norm": 0.01, "clip_timing": "delayed"})
+    assert (container.optimizers[0].max_grad_norm, container.optimizers[0].clip_timing) == (0.01, "delayed")
+    ref = galore_ds.GaLoreAdamW(galore_ds.param_groups(ref_model, target_modules=("attention", "feed_forward"),
+                                                       **GALORE), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=0.1, max_grad_norm=0.01, clip_timing="delayed")
+    train(model, container, range(4))
+    train(ref_model, ref, range(4))
+    a, b = weights(model), weights(ref_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)

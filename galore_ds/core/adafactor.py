@@ -197,6 +197,15 @@ class AdafactorRule:
         apply_update(item, update, -1.0)
 
     @staticmethod
+    def init_state(item: Item) -> None:
+        """Zero statistics shaped by the gradient block this rank holds, and the RMS slot (every
+        update recomputes RMS(W) before it reads it): the state without an update, which with
+        relative_step would move the weights whatever lr the caller set."""
+        if "RMS" not in item.state:
+            init_state(item.state, _rule_grad(item), item.group)
+            item.state["RMS"] = torch.zeros((), dtype=torch.float32, device=item.grad.device)
+
+    @staticmethod
     def rotate(state: dict, rot: torch.Tensor, right: bool) -> None:
         raise NotImplementedError("GaLoreAdafactor cannot reproject factored moments")
 

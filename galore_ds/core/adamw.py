@@ -12,9 +12,8 @@ import math
 import torch
 
 from galore_ds.core.scratch import MAX_NUMEL, Scratch
+from galore_ds.core.settings import MOMENT_POLICIES  # every policy; AdamW supports them all
 from galore_ds.core.update import Item, apply_update, decay_weight, rotate_low_rank
-
-MOMENT_POLICIES = ("keep", "reproject", "reset")
 
 
 class AdamWRule:
@@ -45,10 +44,7 @@ class AdamWRule:
         beta1, beta2 = group["betas"]
         grads = [item.grad for item in items]
         for item in items:
-            if "exp_avg" not in item.state:
-                item.state["exp_avg"] = torch.zeros_like(
-                    item.grad, dtype=torch.float32 if item.galore else None)
-                item.state["exp_avg_sq"] = torch.zeros_like(item.state["exp_avg"])
+            self.init_state(item)
         exp_avgs = [item.state["exp_avg"] for item in items]
         exp_avg_sqs = [item.state["exp_avg_sq"] for item in items]
         torch._foreach_mul_(exp_avgs, beta1)
@@ -71,6 +67,14 @@ class AdamWRule:
                 step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
             apply_update(item, normed, -step_size)
             decay_weight(item, group["lr"], group["weight_decay"])
+
+    @staticmethod
+    def init_state(item: Item) -> None:
+        """Zero moments shaped like the gradient the rule consumes (fp32 for GaLore's R): what
+        the first update starts from, and what a state-creation step makes without updating."""
+        if "exp_avg" not in item.state:
+            item.state["exp_avg"] = torch.zeros_like(item.grad, dtype=torch.float32 if item.galore else None)
+            item.state["exp_avg_sq"] = torch.zeros_like(item.state["exp_avg"])
 
     @staticmethod
     def rotate(state: dict, rot: torch.Tensor, right: bool) -> None:

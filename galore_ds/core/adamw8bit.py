@@ -67,8 +67,7 @@ class AdamW8bitRule:
         bnbf = bnb_functional()
         group, state = item.group, item.state
         grad = item.grad.contiguous()
-        if "state1" not in state:
-            init_moments(state, grad, group)
+        AdamW8bitRule.init_state(item)
         if grad.numel() == 0:  # a rank holding no part of this tensor
             return
         beta1, beta2 = group["betas"]
@@ -99,6 +98,12 @@ class AdamW8bitRule:
         if item.galore:
             apply_update(item, target, 1.0)
             decay_weight(item, group["lr"], group["weight_decay"])
+
+    @staticmethod
+    def init_state(item: Item) -> None:
+        """Zero moments in the form the rule keeps for this gradient block (see init_moments)."""
+        if "state1" not in item.state:
+            init_moments(item.state, item.grad, item.group)
 
     @staticmethod
     def rotate(state: dict, rot: torch.Tensor, right: bool) -> None:

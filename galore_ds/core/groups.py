@@ -3,14 +3,17 @@
 `param_groups(model)` builds what people expect by default:
 - GaLore group: 2-D weights of nn.Linear modules whose qualified name contains one of
   `target_modules` (galore-torch's rule; default "attn" and "mlp" = every attention and MLP
-  projection of a Hugging Face LLaMA). Weight decay `weight_decay`.
+  projection of a Hugging Face LLaMA), at `rank`.
 - "decay" group: every other parameter with 2 or more dims, i.e. the token embedding and
-  lm_head (kept full-rank, as in the paper). Weight decay `weight_decay`.
+  lm_head (kept full-rank, as in the paper).
 - "no_decay" group: biases and norm weights (1-D): weight decay 0, as in nanoGPT and the
   Hugging Face Trainer.
 Tied weights (lm_head sharing the embedding) appear once. Empty groups are dropped.
 
-A group is a GaLore group when it sets `rank`; the other GaLore keys and options get the
+torch's rule holds: the optimizer's constructor keywords are the defaults of every group that
+does not set a key, so `param_groups` writes only what its caller passed (and `rank`, which
+selects the matrices, and the no_decay group's weight decay 0). A group is a GaLore group when
+it sets `rank`; the GaLore keys it does not set come from the constructor, else from the
 defaults below. `refresh_due` is the one refresh schedule every optimizer and engine uses.
 """
 from __future__ import annotations
@@ -20,35 +23,28 @@ from typing import Any, Sequence
 from torch import nn
 
 from galore_ds.core import projector as pj
+from galore_ds.core.settings import DEFAULTS, GROUP_KEYS, MOMENT_POLICIES, OPTION_KEYS, defaults_of
 
-DEFAULT_TARGET_MODULES = ("attn", "mlp")
+DEFAULT_TARGET_MODULES = DEFAULTS.target_modules
 
 # Keys that make a GaLore group, with the defaults used when a group sets `rank` but not the
-# others (the paper's pre-training recipe; galore-torch needs all four).
-GALORE_GROUP_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-}
+# others and the optimizer was given none (galore-torch needs all four). One source for every
+# default: core/settings.py.
+GALORE_GROUP_DEFAULTS: dict[str, Any] = defaults_of(GROUP_KEYS)
 GALORE_KEYS = ("rank", *GALORE_GROUP_DEFAULTS)
 # Optimizer-wide options beyond the paper; any group may override them.
-GALORE_OPTION_DEFAULTS: dict[str, Any] = {
-    "refresh": "svd",        # "svd" (exact, the paper) | "randomized" (seeded subspace iteration)
-    "signs": "aligned",      # "aligned" (deterministic) | "lapack" (galore-torch bit for bit)
-    "moments": "keep",       # on refresh: "keep" (paper) | "reproject" | "reset"
-    "stagger": False,        # spread refreshes of different matrices across the window
-    "oversample": 0,         # randomized: extra random vectors (then Rayleigh-Ritz picks rank)
-    "power_iters": 1,        # randomized: iterations per warm-started refresh
-    "first_power_iters": 4,  # randomized: iterations of the cold (first) refresh
-    "seed": 0,               # randomized: seeds are (seed, step, parameter index)
-}
-MOMENT_POLICIES = ("keep", "reproject", "reset")
+GALORE_OPTION_DEFAULTS: dict[str, Any] = defaults_of(OPTION_KEYS)
+# Constructor arguments that hold for the whole optimizer (one global norm, one clip timing, one
+# reduction group), never per group: a group that sets one is refused (it would be ignored).
+OPTIMIZER_WIDE_KEYS = ("max_grad_norm", "clip_timing", "reduce_group")
 
 
-def check_galore_group(group: dict, moment_policies: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
-    """Fill a GaLore group's defaults and refuse bad values, naming the key. `shapes` are the
-    GLOBAL shapes of its parameters."""
-    for key, value in GALORE_GROUP_DEFAULTS.items():
+def check_galore_group(group: dict, moment_policies: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                       defaults: dict[str, Any] | None = None) -> None:
+    """Fill the GaLore keys a group does not set from `defaults` (the optimizer's; by default
+    GALORE_GROUP_DEFAULTS) and refuse bad values, naming the key. `shapes` are the GLOBAL
+    shapes of its parameters."""
+    for key, value in (GALORE_GROUP_DEFAULTS if defaults is None else defaults).items():
         group.setdefault(key, value)
     rank, gap = group["rank"], group["update_proj_gap"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -102,19 +98,23 @@ def global_shape(p: Any) -> tuple[int, ...]:
 
 def param_groups(
     model: nn.Module,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
+    rank: int = DEFAULTS.rank,
+    update_proj_gap: int | None = None,
+    scale: float | None = None,
+    proj_type: str | None = None,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     **galore_options: Any,
 ) -> list[dict[str, Any]]:
     """Groups for GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor (see module docstring).
 
-    `galore_options` (refresh, signs, moments, stagger, ...) go into the GaLore group only.
-    A matrix smaller than `rank` in either dimension is trained full-rank (there is nothing
-    to save by projecting it). Each group carries `param_names` (what torchtitan and DCP key by).
+    Only the keys passed here are written (None: not written): the optimizer's keywords are
+    the defaults of the rest, as torch's rule has it. `rank` is always written: it selects the
+    matrices (a matrix smaller than `rank` in either dimension is trained full-rank: there is
+    nothing to save by projecting it) and makes the group a GaLore group. `weight_decay` goes
+    to the GaLore and "decay" groups; "no_decay" always has 0. `galore_options` (refresh,
+    signs, moments, stagger, ...) go into the GaLore group only. Each group carries
+    `param_names` (what torchtitan and DCP key by).
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
@@ -135,14 +135,16 @@ def param_groups(
             f"target_modules={list(target_modules)} matched no nn.Linear weight of at least "
             f"{rank} x {rank} in {type(model).__name__}: check the names (model.named_modules()) or rank"
         )
+    decay_key = {} if weight_decay is None else {"weight_decay": weight_decay}
+    galore_keys = {k: v for k, v in dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type).items()
+                   if v is not None}
 
     def group(named, **keys):
         return dict(params=[p for _, p in named], param_names=[n for n, _ in named], **keys)
 
     groups = [
-        group(galore, name="galore", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-              proj_type=proj_type, weight_decay=weight_decay, **galore_options),
-        group(decay, name="decay", weight_decay=weight_decay),
+        group(galore, name="galore", rank=rank, **galore_keys, **decay_key, **galore_options),
+        group(decay, name="decay", **decay_key),
         group(no_decay, name="no_decay", weight_decay=0.0),
     ]
     return [g for g in groups if g["params"]]
@@ -155,4 +157,5 @@ def count_params(groups: list[dict[str, Any]]) -> dict[str, int]:
 
 __all__ = ["param_groups", "galore_matrix_names", "count_params", "DEFAULT_TARGET_MODULES",
            "GALORE_GROUP_DEFAULTS", "GALORE_OPTION_DEFAULTS", "GALORE_KEYS", "MOMENT_POLICIES",
+           "OPTIMIZER_WIDE_KEYS",
            "check_galore_group", "refresh_due", "refresh_offset", "global_shape"]

@@ -22,7 +22,8 @@ explicit and idempotent):
    steps: FP16_UnfusedOptimizer and BF16_Optimizer take one on zero gradients to create
    states, which would compute projectors from zeros. A GaLore optimizer's param groups
    arriving in another optimizer class (Accelerate's swap to DeepSpeedCPUAdam under
-   offload_optimizer) are refused with one line.
+   offload_optimizer) are refused with one line, as are the two DeepSpeed checkpoint formats
+   that cannot hold GaLore's state (`refuse_checkpoint_formats`).
 A GaLore optimizer that meets flat partitions without this binding refuses with one line.
 """
 from __future__ import annotations
@@ -93,6 +94,42 @@ def refuse_replaced_optimizer(client_optimizer: Any) -> None:
         "remove offload_optimizer from the DeepSpeed config; GaLore's optimizer states are already low-rank")
 
 
+_PIECES = ("galore_ds.layouts.checkpoint.save_pieces/load_pieces (which launch/train.py's deepspeed "
+           "engine writes with every checkpoint) resume on another world size or stage")
+
+
+class CheckpointFormatError(ValueError):
+    """A DeepSpeed checkpoint format that cannot hold a GaLore optimizer's state: one line,
+    '<problem>; <fix>' (launch/train.py reports it as a recipe error on engine.deepspeed)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem}; {fix}")
+
+
+def refuse_checkpoint_formats(engine, wrapper: Any) -> None:
+    """DeepSpeed checkpoint formats that would drop a GaLore optimizer's state, refused at
+    deepspeed.initialize rather than found at load time. elastic_checkpoint at ZeRO-1/2 saves,
+    per param group, only the wrapper's flat partition's element-wise state and the groups'
+    "step"; GaLore keys its state by matrix piece (layouts/zero.py), so nothing was written and
+    load_checkpoint failed on a bare AssertionError (at ZeRO-3 DeepSpeed 0.19.8 raises at the
+    first save for any optimizer: refused here at once). The universal format is built from the
+    same element-wise states. BF16_Optimizer (ZeRO-1 with fp32 gradient accumulation) has no
+    elastic format: its checkpoints are the optimizer's own state_dict, so it is not refused."""
+    if getattr(wrapper, "elastic_checkpoint", False):
+        raise CheckpointFormatError(
+            "zero_optimization.elastic_checkpoint=true cannot hold a GaLore optimizer's state (DeepSpeed's "
+            "elastic format re-slices the element-wise states of each flat partition, and GaLore's low-rank "
+            "moments and projectors are per matrix: none would be saved)",
+            "set it to false: engine.save_checkpoint/load_checkpoint then resume bit-identically on the same "
+            f"world size (DeepSpeed 0.19.8 refuses another one either way), and {_PIECES}")
+    if engine.load_universal_checkpoint():
+        raise CheckpointFormatError(
+            "checkpoint.load_universal=true cannot restore a GaLore optimizer's state (DeepSpeed's universal "
+            "checkpoint holds element-wise optimizer states per parameter, not GaLore's projectors and "
+            "low-rank moments)", f"remove it: {_PIECES}")
+
+
 def bind(engine) -> None:
     """Tell the engine's GaLore optimizer how DeepSpeed laid out its parameters."""
     opt = getattr(engine, "basic_optimizer", None)
@@ -100,6 +137,7 @@ def bind(engine) -> None:
         return
     stage = int(engine.zero_optimization_stage())
     wrapper = engine.optimizer if engine.optimizer is not opt else None
+    refuse_checkpoint_formats(engine, wrapper)
     opt.zero = read_zero_layout(wrapper, stage)
     if opt.zero is None:  # real parameters with the all-reduced gradient (ZeRO-0)
         import torch.distributed as dist
@@ -154,4 +192,4 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
                                 model_parameters=model_parameters, **kwargs)
 
 
-__all__ = ["register", "bind", "initialize", "galore_param_groups", "JSON_NAMES"]
+__all__ = ["register", "bind", "initialize", "galore_param_groups", "CheckpointFormatError", "JSON_NAMES"]

@@ -9,14 +9,19 @@
     trainer.train()                       # resume_from_checkpoint=... resumes bit-identically
 
 What it does that transformers' own GaLore (optim="galore_adamw") does not:
-- lr, betas (adam_beta1/2), eps (adam_epsilon) and weight_decay come from TrainingArguments;
-  the GaLore groups are the attention/MLP Linears by module name (`galore_ds.param_groups`),
-  embeddings, lm_head and norms full-rank (norms and biases without weight decay).
+- lr, betas (adam_beta1/2), eps (adam_epsilon) and weight_decay come from TrainingArguments
+  (optimizer="adafactor": learning_rate with relative_step=False and scale_parameter=False, as
+  transformers' own optim="adafactor"); the GaLore groups are the attention/MLP Linears by
+  module name (`galore_ds.param_groups`), embeddings, lm_head and norms full-rank (norms and
+  biases without weight decay).
 - Per-layer mode (`layerwise=True`: each parameter updated inside backward, full gradients
-  freed at once) works with gradient accumulation and on several ranks.
+  freed at once) works with gradient accumulation and on several ranks; an epoch that ends
+  inside an accumulation window steps on the partial window, as the Trainer does without it.
 - Several ranks without FSDP/DeepSpeed: the GaLore matrices' gradients cross the network
   low-rank. Per-layer: the optimizer averages projected gradients in asynchronous buckets
-  (no DDP wrapper); otherwise DDP with galore_ds's communication hook.
+  (no DDP wrapper); otherwise DDP with galore_ds's communication hook, built with
+  TrainingArguments' ddp_* options (find_unused_parameters, bucket_cap_mb, broadcast_buffers,
+  static_graph) as Accelerate builds its DDP.
 - DeepSpeed (ZeRO 0-3, no "optimizer" section in its JSON): the client optimizer is this one,
   bound to ZeRO's partitions (`galore_ds.integrations.deepspeed.register`). FSDP2: the
   optimizer reads each parameter's DTensor placement at every step, so Accelerate swapping
@@ -24,11 +29,11 @@ What it does that transformers' own GaLore (optim="galore_adamw") does not:
 
 Clipping is the optimizer's (the same definition as launch/train.py: the global norm of what
 the optimizer consumes, i.e. the projected gradients of GaLore matrices and the full ones of
-the rest), with TrainingArguments.max_grad_norm; the Trainer's own full-gradient clipping, and
-DeepSpeed's (its "gradient_clipping", "auto" or not), are switched off so that nothing is
-clipped twice. The logged grad_norm is that norm in per-layer
-mode and the Trainer's full-gradient norm otherwise (the optimizer's is known only after the
-step the Trainer logs it before).
+the rest), with TrainingArguments.max_grad_norm and GaLoreArguments.clip_timing; the
+Trainer's own full-gradient clipping, and DeepSpeed's (its "gradient_clipping", "auto" or
+not), are switched off so that nothing is clipped twice. The logged grad_norm is that norm in
+per-layer mode and the Trainer's full-gradient norm otherwise (the optimizer's is known only
+after the step the Trainer logs it before).
 """
 from __future__ import annotations
 
@@ -40,13 +45,15 @@ import torch.distributed as dist
 from torch import nn
 
 try:
+    from accelerate.utils import DDPCommunicationHookType
     from transformers import Trainer
 except ImportError:  # the one line a user without the extra sees
     raise ImportError("galore_ds.integrations.hf needs transformers and accelerate: "
                       "pip install 'galore_ds[hf]'") from None
 
-from galore_ds.core.groups import DEFAULT_TARGET_MODULES, param_groups
-from galore_ds.layouts.layerwise import LayerwiseOptimizer
+from galore_ds.core.groups import param_groups
+from galore_ds.core.settings import DEFAULTS
+from galore_ds.layouts.layerwise import CLIP_TIMINGS, LayerwiseOptimizer
 from galore_ds.layouts.optimizer import GaLoreOptimizer
 from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
@@ -56,20 +63,24 @@ OPTIMIZERS = {"adamw": GaLoreAdamW, "adamw8bit": GaLoreAdamW8bit, "adafactor": G
 
 @dataclass
 class GaLoreArguments:
-    """What TrainingArguments does not say: the GaLore recipe (the paper's defaults)."""
+    """What TrainingArguments does not say: the GaLore recipe (the defaults of
+    galore_ds/core/settings.py; `options` left out take them there too)."""
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    rank: int = DEFAULTS.rank
+    update_proj_gap: int = DEFAULTS.update_proj_gap
+    scale: float = DEFAULTS.scale
+    proj_type: str = DEFAULTS.proj_type
+    target_modules: tuple[str, ...] = DEFAULTS.target_modules
     optimizer: str = "adamw"          # adamw | adamw8bit | adafactor
     layerwise: bool = False           # per-layer updates inside backward
+    clip_timing: str = "exact"        # max_grad_norm with this step's norm, or "delayed": the previous step's
     options: dict[str, Any] = field(default_factory=dict)  # refresh, signs, moments, stagger, seed, ...
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"GaLoreArguments.optimizer={self.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+        if self.clip_timing not in CLIP_TIMINGS:
+            raise ValueError(f"GaLoreArguments.clip_timing={self.clip_timing!r}: expected one of {CLIP_TIMINGS}")
 
 
 class PerLayerStep(torch.optim.Optimizer):
@@ -99,9 +110,11 @@ class PerLayerStep(torch.optim.Optimizer):
             self._window = None
 
     def step(self, closure: Any = None) -> None:
+        # GaLoreTrainer.training_step ends the window on the micro-batch the Trainer syncs on
+        # (a full window, or the partial one at an epoch's end), so none is open here
         if self.layerwise is not None and self.layerwise.micro_step != 0:
             raise RuntimeError("per-layer GaLore: the Trainer stepped inside an accumulation window; "
-                               "gradient_accumulation_steps changed after the optimizer was built")
+                               "step only through GaLoreTrainer's training loop")
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -177,8 +190,12 @@ class GaLoreTrainer(Trainer):
         hyper: dict[str, Any] = {"lr": a.learning_rate, "weight_decay": a.weight_decay}
         if g.optimizer != "adafactor":
             hyper.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+        else:
+            # learning_rate and the Trainer's scheduler set the step size, as transformers' own
+            # optim="adafactor" does (Adafactor's relative step would refuse the explicit lr)
+            hyper.update(relative_step=False, scale_parameter=False)
         if not g.layerwise:
-            hyper["max_grad_norm"] = self._max_grad_norm
+            hyper.update(max_grad_norm=self._max_grad_norm, clip_timing=g.clip_timing)
         if g.layerwise and self._replicated:
             hyper["reduce_group"] = dist.group.WORLD  # gradients are per-rank contributions
         self._galore_optimizer = OPTIMIZERS[g.optimizer](groups, **hyper)
@@ -197,7 +214,14 @@ class GaLoreTrainer(Trainer):
         model = self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
         if self.galore.layerwise:
             return Replicated(model)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        # TrainingArguments' ddp_* options (find_unused_parameters, bucket_cap_mb,
+        # broadcast_buffers, static_graph), as the Trainer hands them to Accelerate and
+        # Accelerate to DDP; the communication hook is galore_ds's, so Accelerate's is refused.
+        handler = self.accelerator.ddp_handler
+        if handler is not None and handler.comm_hook != DDPCommunicationHookType.NO:
+            raise ValueError(f"DistributedDataParallelKwargs(comm_hook={handler.comm_hook.value!r}): GaLoreTrainer's "
+                             "DDP sends low-rank gradients through galore_ds.lowrank_comm_hook; leave comm_hook unset")
+        ddp = nn.parallel.DistributedDataParallel(model, **(handler.to_kwargs() if handler is not None else {}))
         ddp.register_comm_hook(LowRankHookState(self._galore_optimizer), lowrank_comm_hook)
         return ddp
 
@@ -207,10 +231,21 @@ class GaLoreTrainer(Trainer):
             # per-parameter hooks must sit on the tensors backward will produce
             self._per_layer.attach(LayerwiseOptimizer(self._galore_optimizer,
                                                      accumulation_steps=self.args.gradient_accumulation_steps,
-                                                     max_grad_norm=self._max_grad_norm))
+                                                     max_grad_norm=self._max_grad_norm,
+                                                     clip_timing=self.galore.clip_timing))
+        lw = self._per_layer.layerwise if self._per_layer is not None else None
+        # The Trainer says which micro-batch ends a window (sync_gradients, set before this call):
+        # every gradient_accumulation_steps-th, and an epoch's last, which may close a partial
+        # window (transformers scales that window's loss to its own mean: the per-layer sum
+        # then equals what p.grad holds in the step-time Trainer).
+        ends = self.accelerator.sync_gradients
+        if lw is not None and not ends and lw.micro_step + 1 >= lw.accumulation_steps:
+            raise RuntimeError(f"per-layer GaLore: the Trainer's accumulation window is longer than the "
+                               f"{lw.accumulation_steps} micro-batches the optimizer was built for; "
+                               "gradient_accumulation_steps changed after the optimizer was built")
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._per_layer is not None:
-            self._per_layer.layerwise.step()
+        if lw is not None:
+            lw.step(end_window=ends)
         return loss
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:

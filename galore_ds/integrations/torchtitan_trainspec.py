@@ -10,7 +10,8 @@ torchtitan 0.3 and later: galore_ds.integrations.torchtitan.
 
 `build_galore_optimizers` has torchtitan's `build_optimizers` signature (model_parts,
 optimizer_config, parallel_dims, ft_manager); lr, beta1/beta2, eps and weight_decay come from
-the job's [optimizer] section, and its name picks the class (AdamW, AdamW8bit, Adafactor).
+the job's [optimizer] section, and its name picks the class (AdamW, AdamW8bit, Adafactor:
+relative_step=False, so the job's lr and its schedule apply).
 GaLore groups are built by module name (default targets: torchtitan's LLaMA `attention` and
 `feed_forward`), one optimizer per model part, each reading the FSDP2/HSDP placements of its
 parameters. The container is Stateful like torchtitan's: state_dict() is a flat dict keyed by
@@ -28,12 +29,14 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from galore_ds.core.groups import param_groups
+from galore_ds.core.groups import OPTIMIZER_WIDE_KEYS, param_groups
 from galore_ds.layouts.checkpoint import create_state, load_optim_state_dict, optim_state_dict
 from galore_ds.layouts.optimizer import GaLoreOptimizer
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor}
+# torchtitan's module names (LLaMA 3, Qwen 3, ...): layers.N.attention.wq, layers.N.feed_forward.w1;
+# the GaLore targets of both torchtitan APIs (the other defaults: core/settings.py)
 TORCHTITAN_TARGETS = ("attention", "feed_forward")
 
 
@@ -46,6 +49,8 @@ class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
         targets = tuple(galore.pop("target_modules", TORCHTITAN_TARGETS))
         decay = optimizer_kwargs.get("weight_decay", 0.0)
         kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("fused", "foreach", "implementation")}
+        # max_grad_norm / clip_timing in `galore` hold for the whole optimizer: its constructor's
+        kwargs.update({k: galore.pop(k) for k in OPTIMIZER_WIDE_KEYS if k in galore})
         self.model_parts = model_parts
         self.optimizers = [optimizer_cls(param_groups(part, target_modules=targets, weight_decay=decay, **galore),
                                          **kwargs) for part in model_parts]
@@ -86,7 +91,9 @@ class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
 def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any, parallel_dims: Any = None,
                             ft_manager: Any = None, *, galore: dict[str, Any] | None = None) -> TrainSpecOptimizersContainer:
     """torchtitan's build_optimizers, for GaLore (see the module docstring). `galore`: rank,
-    update_proj_gap, scale, proj_type, target_modules and the GaLore options (refresh, ...)."""
+    update_proj_gap, scale, proj_type, target_modules, the GaLore options (refresh, ...) and
+    the optimizer's own max_grad_norm / clip_timing (torchtitan's trainer also clips the full
+    gradients by its training.max_norm before the step)."""
     name = getattr(optimizer_config, "name", "AdamW")
     if name not in NAMES:
         raise ValueError(f"optimizer.name={name!r}: galore_ds provides {sorted(NAMES)}")
@@ -96,7 +103,11 @@ def build_galore_optimizers(model_parts: list[nn.Module], optimizer_config: Any,
     if ft_manager is not None and getattr(ft_manager, "enabled", False):
         raise ValueError("torchft: not supported by the GaLore container; disable fault_tolerance")
     kwargs: dict[str, Any] = {"lr": optimizer_config.lr, "weight_decay": getattr(optimizer_config, "weight_decay", 0.0)}
-    if NAMES[name] is not GaLoreAdafactor:
+    if NAMES[name] is GaLoreAdafactor:
+        # torchtitan always gives an lr (its schedulers scale it): Adafactor's own relative
+        # step would ignore it, and refuses an lr beside it. As the 0.3 container does.
+        kwargs["relative_step"] = False
+    else:
         kwargs.update(betas=(getattr(optimizer_config, "beta1", 0.9), getattr(optimizer_config, "beta2", 0.95)),
                       eps=getattr(optimizer_config, "eps", 1e-8))
     return TrainSpecOptimizersContainer(model_parts, NAMES[name], kwargs, galore or {})

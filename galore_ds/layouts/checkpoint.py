@@ -15,9 +15,13 @@ saved blocks that overlap its own, each with its own absmax, and quantizes its b
 own blocks (within one code step: the signed map has +1 but no -1, so re-quantizing is not
 the identity, which is why the same layout keeps the raw codes).
 
-Two ways to write it:
+Ways to write it:
 - `dcp_state_dict` / `dcp_load` (FSDP2 and plain layouts): torch.distributed.checkpoint, the
   logical blocks as DTensors split like their parameter, so DCP reshards them;
+- `optim_state_dict` / `load_optim_state_dict` (torchtitan's flat form, and the optimizers'
+  own state_dict under FSDP2): the same blocks, with GaLoreAdamW8bit's moments as their fp32
+  values, which the loader quantizes back (`eight_bit_exact_form`: bit-exact where its
+  blocks are the saver's, within one code step elsewhere), so DCP reshards them too;
 - `save_pieces` / `load_pieces` (any layout, DeepSpeed ZeRO's arbitrary ranges included): one
   file per rank, `galore_state_rank<r>.pt` (torch.load(weights_only=True)), read with mmap
   and assembled into whatever block the loading rank holds.
@@ -25,6 +29,7 @@ Two ways to write it:
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -122,6 +127,87 @@ def eight_bit_form(values: dict[str, torch.Tensor], group: dict, shape: tuple[in
     return out
 
 
+def dense_8bit(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 values of GaLoreAdamW8bit's two moments (`exp_avg`, `exp_avg_sq`) from its
+    state (8-bit codes with their absmax, or fp32 blocks below min_8bit_size)."""
+    return {key: dequantize(state[sk], state.get(ak), signed) for key, (sk, ak, signed) in EIGHT_BIT.items()}
+
+
+def _nearest_code(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Index of the entry of the sorted map `q` nearest to each value of `v` (uint8)."""
+    idx = torch.searchsorted(q, v.contiguous()).clamp_(1, q.numel() - 1)
+    lo, hi = q[idx - 1], q[idx]
+    return torch.where(v - lo <= hi - v, idx - 1, idx).to(torch.uint8)
+
+
+def _exact_codes(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """8-bit codes and per-block absmax that dequantize to exactly `values`, or None.
+
+    Values an 8-bit state of this rank's block boundaries dequantized to have, per block of
+    256, absmax = |peak| / |q[peak code]|: 1.0 when the peak is positive (or any value of the
+    unsigned map), the signed map's most negative entry when it is negative (the map has +1
+    but no -1). Each candidate (and its fp32 neighbours) is checked through bitsandbytes'
+    own dequantization: only a bit-exact match is used, and an equal dequantization is the
+    same state for every later update (the kernel reads the moments only dequantized)."""
+    q = qmap(values.device, signed)
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // BLOCKSIZE)
+    if n == 0:
+        return torch.zeros(values.shape, dtype=torch.uint8, device=values.device), flat.new_zeros(0)
+    padded = flat.new_zeros(blocks * BLOCKSIZE)
+    padded[:n] = flat
+    rows = padded.view(blocks, BLOCKSIZE)
+    peak = rows.abs().amax(dim=1)
+    candidates = [peak]
+    if signed:
+        base = peak / q[0].abs()
+        inf, zero = torch.full_like(base, float("inf")), torch.zeros_like(base)
+        up, down = torch.nextafter(base, inf), torch.nextafter(base, zero)
+        candidates += [base, up, down, torch.nextafter(up, inf), torch.nextafter(down, zero)]
+    codes = torch.zeros(blocks, BLOCKSIZE, dtype=torch.uint8, device=values.device)
+    absmax = torch.zeros(blocks, dtype=torch.float32, device=values.device)
+    found = torch.zeros(blocks, dtype=torch.bool, device=values.device)
+    for a in candidates:
+        scaled = torch.where(a[:, None] > 0, rows / a[:, None].clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        c = _nearest_code(q, scaled)
+        back = dequantize(c.reshape(-1)[:n].reshape(values.shape), a, signed).reshape(-1)
+        back_rows = flat.new_zeros(blocks * BLOCKSIZE)
+        back_rows[:n] = back
+        ok = (back_rows.view(blocks, BLOCKSIZE) == rows).all(dim=1) & ~found
+        codes[ok], absmax[ok] = c[ok], a[ok]
+        found |= ok
+        if bool(found.all()):
+            return codes.reshape(-1)[:n].reshape(values.shape), absmax
+    return None
+
+
+def eight_bit_exact_form(values: dict[str, torch.Tensor], group: dict, shape: tuple[int, ...],
+                         device: torch.device) -> dict[str, torch.Tensor]:
+    """`eight_bit_form`, bit-exact where it can be: a moment whose fp32 values are what 8-bit
+    blocks with this rank's boundaries dequantize to (the saver's block is this one: a resume
+    on the same layout) gets codes and absmax that dequantize to exactly those values;
+    otherwise it is quantized in this rank's blocks (within one code step of the saved
+    values, the stated 8-bit tolerance)."""
+    out = eight_bit_form(values, group, shape, device)
+    for key, (sk, ak, signed) in EIGHT_BIT.items():
+        if out[sk].dtype == torch.uint8 and out[sk].numel():
+            exact = _exact_codes(values[key].float().reshape(shape).to(device), signed)
+            if exact is not None:
+                out[sk], out[ak] = exact
+    return out
+
+
+def _lr_tensor(lr: float | torch.Tensor | None) -> torch.Tensor:
+    """A group's lr for DCP: NaN stands for None (GaLoreAdafactor's relative step)."""
+    return torch.tensor(float("nan") if lr is None else float(lr), dtype=torch.float64)
+
+
+def _lr_value(t: torch.Tensor) -> float | None:
+    value = float(t)
+    return None if math.isnan(value) else value
+
+
 def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, bool):
         return torch.tensor(value, dtype=torch.bool)
@@ -199,18 +285,30 @@ def dcp_state_dict(model: torch.nn.Module, opt) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     names = {id(p): n for n, p in model.named_parameters()}
-    return {"model": get_model_state_dict(model), "optim": optim_state_dict(opt, names)}
+    return {"model": get_model_state_dict(model), "optim": optim_state_dict(opt, names, raw_8bit=True)}
 
 
-def optim_state_dict(opt, names: dict[int, str] | None = None, prefix: str = "") -> dict[str, Any]:
-    """The optimizer's part of `dcp_state_dict`: a flat dict DCP saves and reshards (every key
-    starts with `prefix`, so several optimizers' dicts can share one checkpoint)."""
-    optim: dict[str, Any] = {}
+def optim_state_dict(opt, names: dict[int, str] | None = None, prefix: str = "",
+                     raw_8bit: bool = False) -> dict[str, Any]:
+    """The optimizer's state as a flat dict DCP saves and reshards (every key starts with
+    `prefix`, so several optimizers' dicts can share one checkpoint): torchtitan's form
+    (load_optim_state_dict), and with raw_8bit the optimizer part of `dcp_state_dict`.
+    GaLoreAdamW8bit's moments: their fp32 values as blocks of the logical moments (any world
+    size; load_optim_state_dict quantizes them back, bit-identically on the same layout), or
+    with raw_8bit each shard's codes as they are (dcp_load re-forms them itself)."""
+    from galore_ds.core.adamw8bit import AdamW8bitRule
+
+    dense = not raw_8bit and isinstance(opt.rule, AdamW8bitRule)
+    # delayed clipping's carried coefficient: optimizer-wide, the same on every rank
+    optim: dict[str, Any] = {f"{prefix}next_clip_coef": torch.tensor(float(opt.next_clip_coef), dtype=torch.float64)}
     for gi, group in enumerate(opt.param_groups):
-        optim[f"{prefix}group{gi}.lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+        optim[f"{prefix}group{gi}.lr"] = _lr_tensor(group["lr"])
     for name, e in named_entries(opt, names):
         shard, shards = _shard_of(e)
-        for key, value in e.state.items():
+        state = e.state
+        if dense and "state1" in state:
+            state = {**{k: v for k, v in state.items() if k not in EIGHT_BIT_KEYS}, **dense_8bit(state)}
+        for key, value in state.items():
             if not torch.is_tensor(value):
                 optim[f"{prefix}{name}.{key}"] = _as_tensor(value)
             elif key in EIGHT_BIT_KEYS:
@@ -252,21 +350,28 @@ def load_optim_state_dict(opt, optim: dict[str, Any], names: dict[int, str] | No
                           prefix: str = "") -> None:
     """Install what DCP loaded into a dict from `optim_state_dict` (same `prefix`) of this
     optimizer, with its state created first (`create_state`) so the entries match: DTensor
-    blocks arrive resharded for this rank; 8-bit codes need the saver's world size (a key
-    missing from the checkpoint says so)."""
+    blocks arrive resharded for this rank; GaLoreAdamW8bit's fp32 moment values are quantized
+    in this rank's blocks (bit-identically on the saver's layout; raw codes from raw_8bit need
+    the saver's world size: a key missing from the checkpoint says so)."""
     create_state(opt)
+    opt.next_clip_coef = float(optim[f"{prefix}next_clip_coef"])
     for gi, group in enumerate(opt.param_groups):
-        group["lr"] = float(optim[f"{prefix}group{gi}.lr"])
+        group["lr"] = _lr_value(optim[f"{prefix}group{gi}.lr"])
     for name, e in named_entries(opt, names):
         shard, shards = _shard_of(e)
         new: dict[str, Any] = {}
+        dense = "state1" in e.state and f"{prefix}{name}.exp_avg" in optim   # 8-bit moments as fp32 values
         for key, value in e.state.items():
             if not torch.is_tensor(value):
                 new[key] = _from_tensor(optim[f"{prefix}{name}.{key}"])
             elif key in EIGHT_BIT_KEYS:
-                new[key] = optim[prefix + _shard_key(name, key, shard, shards)].clone()
+                if not dense:
+                    new[key] = optim[prefix + _shard_key(name, key, shard, shards)].clone()
             else:
                 new[key] = local_tensor(optim[f"{prefix}{name}.{key}"]).clone()
+        if dense:
+            values = {k: local_tensor(optim[f"{prefix}{name}.{k}"]) for k in ADAM_KEYS}
+            new.update(eight_bit_exact_form(values, e.group, tuple(values["exp_avg"].shape), e.p_local.device))
         opt.state[e.key] = new
 
 
@@ -315,6 +420,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
     eight_bit = type(opt.rule).__name__ == "AdamW8bitRule"
     optim: dict[str, Any] = {f"group{gi}.lr": torch.tensor(0.0, dtype=torch.float64)
                              for gi in range(len(opt.param_groups))}
+    optim["next_clip_coef"] = torch.tensor(1.0, dtype=torch.float64)  # (1.0: a checkpoint from before it was saved)
     plans = []
     for name, e in _all_entries(opt, names):
         device = e.p_local.device
@@ -345,8 +451,9 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
     dcp.load(sd, checkpoint_id=checkpoint_id, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_model_state_dict(model, sd["model"])
     optim = sd["optim"]
+    opt.next_clip_coef = float(optim["next_clip_coef"])
     for gi, group in enumerate(opt.param_groups):
-        group["lr"] = float(optim[f"group{gi}.lr"])
+        group["lr"] = _lr_value(optim[f"group{gi}.lr"])
     for name, e, st, raw, reads, shards_saved in plans:
         if int(optim[f"{name}.step"]) == -1:
             opt.state.pop(e.key, None)
@@ -496,8 +603,15 @@ def save_pieces(opt, directory: str, rank: int, weights: bool = True) -> str:
         entries[name] = entry
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, PIECES.format(rank=rank))
-    torch.save({"entries": entries}, path)
+    # with delayed clipping's carried coefficient (the same on every rank), which no entry holds
+    torch.save({"entries": entries, "next_clip_coef": float(opt.next_clip_coef)}, path)
     return path
+
+
+def _saved_clip_coef(directory: str) -> float:
+    """The delayed-clipping coefficient `save_pieces` wrote (1.0 in files from before it did)."""
+    first = sorted(glob.glob(os.path.join(directory, "galore_state_rank*.pt")))[0]
+    return float(torch.load(first, map_location="cpu", weights_only=False, mmap=True).get("next_clip_coef", 1.0))
 
 
 def _read_pieces(directory: str) -> list[dict]:
@@ -522,6 +636,7 @@ def load_pieces(opt, directory: str, weights: bool = True) -> dict[str, torch.Te
     the weights into the blocks the optimizer steps, and return every full weight by name
     (for the caller's other copies: 16-bit model parameters)."""
     files = _read_pieces(directory)
+    opt.next_clip_coef = _saved_clip_coef(directory)
     assembled: dict[str, torch.Tensor] = {}
 
     def full_weights(name: str) -> torch.Tensor:
@@ -675,4 +790,4 @@ def load_torch_pieces(opt, binding, directory: str) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["dcp_state_dict", "dcp_load", "optim_state_dict", "load_optim_state_dict", "create_state", "save_pieces", "load_pieces", "save_torch_pieces", "load_torch_pieces", "place", "low_place", "Place", "named_entries",
-           "dequantize", "eight_bit_form"]
+           "dequantize", "eight_bit_form", "eight_bit_exact_form", "dense_8bit"]

@@ -29,6 +29,10 @@ after each micro-batch's backward and returns True when a step was completed.
   window.
 The update is then the optimizer's own rule on the accumulated gradient: k micro-batches of B
 equal one batch of kB with the ordinary optimizer (tested to 1e-5).
+A window may end early: `lw.step(end_window=True)` after the last micro-batch of an epoch
+whose length k does not divide (the plain loop's `(i + 1) % k == 0 or last`, Accelerate's
+`accelerator.sync_gradients`, the Trainer's partial window). Its gradient is the sum of what
+those backwards produced, the same p.grad the ordinary optimizer steps on there.
 
 Clipping and the gradient norm
 ------------------------------
@@ -40,7 +44,9 @@ sharded layout it costs ONE scalar all-reduce per step. With `max_grad_norm`
 backward stores R (GaLore) or the full gradient (others), then the coefficient
 min(1, max_norm / (norm + 1e-6)) scales them and the updates run. Without clipping and
 with k == 1, each parameter is updated inside its hook (the minimal memory mode); with k > 1
-the low-rank accumulators exist anyway, so deferring costs nothing. Exact clipping at k == 1
+the low-rank accumulators exist anyway, so deferring costs nothing (delayed clipping with
+k > 1 then applies the previous step's coefficient at step(), as the optimizer's own
+clip_timing="delayed" does). Exact clipping at k == 1
 holds every R until the end of backward: 6.8 GiB of fp32 for a 7B model at rank 1024, which
 breaks the 24 GB budget. clip_timing="delayed" keeps the minimal memory mode and clips step
 t's update by the coefficient computed from step t-1's norm (step 0 is unclipped; with
@@ -66,10 +72,23 @@ accumulators and the partial full gradients, so a checkpoint taken between any t
 micro-batches resumes bit-identically (`torch.load(weights_only=True)` works).
 Do not call `optimizer.step()` or `optimizer.zero_grad()` yourself while the wrapper is
 attached; `zero_grad()` here drops a partial window.
+
+Groups added later and what is refused
+--------------------------------------
+`optimizer.add_param_group(...)` after the wrapper was built: its parameters are hooked at the
+next `step()`; gradients they gathered before (no hook freed them) join their first window,
+as in the plain loop that calls zero_grad after step. Several replicated ranks: build the
+optimizer with `reduce_group` (it averages inside backward); a model wrapped in
+DistributedDataParallel averages only after every hook used its rank's own gradient, and
+DDP then writes the average back into p.grad: `step()` refuses that with one line (before any
+update when the updates are deferred; after the first step's hooks otherwise). Any other
+change to a gradient between its hook and `step()` (torch.nn.utils.clip_grad_norm_: clip
+with `max_grad_norm`) is refused the same way.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,9 +122,10 @@ class LayerwiseOptimizer:
         optimizer: a GaLoreOptimizer (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor).
         accumulation_steps: micro-batches per optimizer step (k >= 1). Divide each
             micro-batch loss by `loss_divisor` (k; 1 with accum_dtype=float64).
-        max_grad_norm: clip threshold (None: no clipping).
+        max_grad_norm: clip threshold (None: the optimizer's max_grad_norm and clip_timing,
+            if it was built with them; else no clipping).
         clip_timing: "exact" (this step's norm: updates wait for the end of backward) |
-            "delayed" (k == 1: the previous step's norm, updates inside the hooks).
+            "delayed" (the previous step's norm; at k == 1 the updates stay inside the hooks).
         lr_scheduler: stepped once per optimizer step.
         accum_dtype: dtype of the accumulators (fp32 default: exact to rounding). float64 sums
             every micro-batch's gradient (the loss not divided by k), full ones included, and
@@ -147,6 +167,16 @@ class LayerwiseOptimizer:
                              "(bfloat16 with accum_dtype=float32)")
         if optimizer.zero is not None:
             raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
+        if optimizer.max_grad_norm is not None:
+            # the optimizer's own step never runs under the wrapper, so its clipping would be
+            # dropped without a word: the wrapper clips with it (given its own too, they must agree)
+            if max_grad_norm is None:
+                max_grad_norm, clip_timing = optimizer.max_grad_norm, optimizer.clip_timing
+            elif (max_grad_norm, clip_timing) != (optimizer.max_grad_norm, optimizer.clip_timing):
+                raise ValueError(
+                    f"LayerwiseOptimizer(max_grad_norm={max_grad_norm!r}, clip_timing={clip_timing!r}) and its "
+                    f"optimizer's max_grad_norm={optimizer.max_grad_norm!r}, clip_timing={optimizer.clip_timing!r} "
+                    "differ: the wrapper clips (the optimizer's step never runs); set them on one of the two")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
@@ -165,21 +195,11 @@ class LayerwiseOptimizer:
 
         self._meta: dict[torch.Tensor, _Meta] = {}
         self._params: list[torch.Tensor] = []
-        index = 0
-        for gi, group in enumerate(optimizer.param_groups):
-            galore = "rank" in group
-            for pos, p in enumerate(group["params"]):
-                index += 1
-                if p in self._meta:
-                    raise ValueError("a parameter appears twice in the optimizer's groups")
-                self._meta[p] = _Meta(gi, pos, len(group["params"]), index - 1, galore)
-                self._params.append(p)
+        self._handles: list = []
         # every process group some parameter's norm sums over: all ranks join each, every step
         self._norm_groups: dict[int, Any] = {}
-        for p in self._params:
-            g = optimizer.layout_of(p).norm_group
-            if g is not None:
-                self._norm_groups.setdefault(id(g), g)
+        self._n_params = 0                       # parameters in the optimizer's groups when last read
+        self._sync_groups()
         self.bucket_numel = bucket_mb * 2**20 // 4
         self._bucket: list = []                              # replicated weights: to average
         self._bucket_numel = 0
@@ -190,10 +210,39 @@ class LayerwiseOptimizer:
         # optimizer state of matrices refreshed in this window, as it was before: a skipped
         # step puts it back (projectors and moments unchanged, as if the step never ran)
         self._undo: dict[int, tuple[dict, dict]] = {}
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._hook)
-            for p in self._params if p.requires_grad
-        ]
+        # what each hook of the current micro-batch left in p.grad: None (taken and freed) or
+        # (a weak reference to the gradient, so that a gradient freed later is not kept alive,
+        # and its version). step() checks that nothing wrote them since (_check_untouched).
+        self._seen: dict[torch.Tensor, tuple[weakref.ref, int] | None] = {}
+
+    def _sync_groups(self) -> None:
+        """Hook every parameter of the optimizer's groups not hooked yet: those of the
+        constructor, then any group added later (opt.add_param_group), read at the next step().
+        A late parameter's gradients from backwards before then sit in p.grad (no hook took
+        them), where the plain optimizer would read them too; its first window ends with it."""
+        groups = self.optimizer.param_groups
+        if sum(len(g["params"]) for g in groups) == self._n_params:
+            return
+        late, index, seen = self._n_params > 0, 0, set()
+        for gi, group in enumerate(groups):
+            galore = "rank" in group
+            for pos, p in enumerate(group["params"]):
+                index += 1
+                if id(p) in seen:
+                    raise ValueError("a parameter appears twice in the optimizer's groups")
+                seen.add(id(p))
+                if p in self._meta:
+                    continue
+                self._meta[p] = _Meta(gi, pos, len(group["params"]), index - 1, galore)
+                self._params.append(p)
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                g = self.optimizer.layout_of(p).norm_group
+                if g is not None:
+                    self._norm_groups.setdefault(id(g), g)
+        self._n_params = index
+        if late:
+            self.optimizer.forget_layouts()  # replicated owners are assigned over all matrices
 
     @property
     def deferred(self) -> bool:
@@ -208,16 +257,25 @@ class LayerwiseOptimizer:
         return 1 if self.accum_dtype == torch.float64 else self.accumulation_steps
 
     # ------------------------------------------------------------------ public API
-    def step(self) -> bool:
-        """Call after each micro-batch's backward. Returns True when an optimizer step ended."""
+    def step(self, end_window: bool = False) -> bool:
+        """Call after each micro-batch's backward. Returns True when an optimizer step ended.
+
+        A window ends after `accumulation_steps` micro-batches, or here with end_window=True:
+        the last, partial window of an epoch, which the plain loop (`(i + 1) % k == 0 or last`),
+        Accelerate's accumulate() and the Trainer all step on. It is the sum of the gradients
+        its backwards produced (each loss divided as usual: `loss_divisor`, or the Trainer's
+        scaling), as p.grad holds it when the plain loop steps there."""
+        self._check_untouched()
+        self._sync_groups()
         self.micro_step += 1
-        if self.micro_step < self.accumulation_steps:
+        if self.micro_step < self.accumulation_steps and not end_window:
             return False
         self.micro_step = 0
         opt = self.optimizer
         with torch.no_grad():
             # Parameters whose gradient arrived earlier in the window but not in its last
-            # micro-batch (unused in that forward) are finished here.
+            # micro-batch (unused in that forward, or a window closed early), and parameters
+            # added since the last step, are finished here.
             self._drain()
             finished = {id(e.param) for e, _ in self._ready}
             for p in self._params:
@@ -230,8 +288,10 @@ class LayerwiseOptimizer:
                 self._skip_window()
                 return True
             coef = clip_coefficient(self.grad_norm, self.max_grad_norm)
-            if not self.deferred:  # updates already ran, with the previous step's coefficient
-                self.clip_coef = self._immediate_coef()
+            if self.max_grad_norm is not None and self.clip_timing == "delayed":
+                # the previous step's coefficient (applied in the hooks, or here when the
+                # updates were deferred by accumulation); this step's is carried to the next
+                self.clip_coef = self._next_coef
                 if finite:
                     self._next_coef = coef
             else:
@@ -248,8 +308,30 @@ class LayerwiseOptimizer:
             self.lr_scheduler.step()
         return True
 
+    def _check_untouched(self) -> None:
+        """Refuse a gradient written after the per-layer hook took it: DistributedDataParallel
+        averages gradients when backward ends, after every hook has already used (and freed)
+        its rank's own gradient, and writes the average back into p.grad; an in-place change
+        (torch's clip_grad_norm_) comes after the hooks counted the norm."""
+        seen, self._seen = self._seen, {}
+        for p, was in seen.items():
+            g = p.grad
+            if g is None:
+                continue
+            if was is None:
+                raise RuntimeError(
+                    "LayerwiseOptimizer: a gradient was written into a parameter after its per-layer update took "
+                    "it (a DistributedDataParallel model: DDP averages when backward ends, after each rank used its "
+                    "own gradient); do not wrap the model in DDP, build the optimizer with "
+                    "reduce_group=torch.distributed.group.WORLD (it averages the low-rank gradients itself)")
+            if g is not was[0]() or g._version != was[1]:
+                raise RuntimeError(
+                    "LayerwiseOptimizer: a gradient changed between its per-layer hook and step() (DDP averaging "
+                    "it or torch.nn.utils.clip_grad_norm_): the hooks already counted it; clip with "
+                    "LayerwiseOptimizer(max_grad_norm=...) and average with reduce_group=torch.distributed.group.WORLD")
+
     def _immediate_coef(self) -> float:
-        """Clip coefficient of an update that runs inside its hook (delayed clipping)."""
+        """Clip coefficient of an update that runs inside its hook (delayed clipping, or none)."""
         return self._next_coef if self.max_grad_norm is not None else 1.0
 
     def _window_norm(self) -> float:
@@ -280,6 +362,7 @@ class LayerwiseOptimizer:
         self._ready = []
         self._undo = {}
         self._sq = {}
+        self._seen = {}
         self.micro_step = 0
         for p in self._params:
             p.grad = None
@@ -295,6 +378,7 @@ class LayerwiseOptimizer:
 
         Take it between micro-batches (after `step()`), never inside a backward.
         """
+        self._sync_groups()
         lw: dict[str, Any] = {
             "micro_step": self.micro_step,
             "global_step": self.global_step,
@@ -323,6 +407,7 @@ class LayerwiseOptimizer:
 
     def load_window(self, lw: dict[str, Any]) -> None:
         """The per-layer part of a state dict (window position, accumulators, counters)."""
+        self._sync_groups()
         by_index = {self._meta[p].index: p for p in self._params}
         self.micro_step = int(lw["micro_step"])
         self.global_step = int(lw["global_step"])
@@ -340,6 +425,7 @@ class LayerwiseOptimizer:
             p.grad = g.to(p.device, p.dtype).clone()
         self._ready = []
         self._sq = {}
+        self._seen = {}
 
     # ------------------------------------------------------------------ internals
     def _entry(self, p: torch.Tensor) -> Entry:
@@ -381,6 +467,7 @@ class LayerwiseOptimizer:
                 self._acc[p] = p.grad.to(torch.float64)
             p.grad = None
         # else: autograd accumulates p.grad.
+        self._seen[p] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
 
     def _finish(self, e: Entry, defer: bool) -> None:
         """End of the window for one parameter: refresh if due, project, complete (the

@@ -46,8 +46,10 @@ from torch.optim import Optimizer
 
 from galore_ds.core import projector as pj
 from galore_ds.core.groups import (
+    GALORE_GROUP_DEFAULTS,
     GALORE_KEYS,
     GALORE_OPTION_DEFAULTS,
+    OPTIMIZER_WIDE_KEYS,
     check_galore_group,
     global_shape,
     refresh_due,
@@ -56,7 +58,7 @@ from galore_ds.core.groups import (
 from galore_ds.core.scratch import Scratch
 from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
-from galore_ds.layouts.comm import all_reduce_packed, assign_owners, group_rank_size, svd_cost
+from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
 from galore_ds.layouts.entry import Entry
 from galore_ds.layouts.refresh import refresh as refresh_entries
@@ -106,8 +108,11 @@ class GaLoreOptimizer(Optimizer):
     Subclasses set `self.rule` (galore_ds/core) before calling this constructor.
 
     Args beyond torch's:
-        rank, update_proj_gap, scale, proj_type: defaults for GaLore groups; with a flat
-            parameter list, `rank` selects the matrices by shape (`split_by_shape`).
+        update_proj_gap, scale, proj_type: defaults for the GaLore groups (those that set
+            `rank`) that do not set them, here and in add_param_group (torch's rule);
+            unset, GALORE_GROUP_DEFAULTS (core/groups.py). Kept in `galore_defaults`.
+        rank: with a flat parameter list, selects the matrices by shape (`split_by_shape`);
+            with groups, each GaLore group sets its own (it is what makes it one).
         max_grad_norm: clip by the global norm of what the optimizer consumes (None: off).
         clip_timing: "exact" (this step's norm) or "delayed" (the previous step's: what the
             per-layer mode does to keep updates inside backward; offered here so a recipe runs
@@ -132,14 +137,18 @@ class GaLoreOptimizer(Optimizer):
             raise ValueError("target_modules selects matrices by module name, which a parameter list does "
                              "not carry: pass galore_ds.param_groups(model, target_modules=...) as params "
                              "(DeepSpeed JSON: galore_ds.integrations.deepspeed.initialize)")
-        given = {k: v for k, v in dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                                       proj_type=proj_type).items() if v is not None}
+        # torch's rule, for the GaLore keys too: the constructor's values are the defaults of
+        # every GaLore group that does not set them, at construction and in add_param_group.
+        # They are kept apart from torch's `defaults`, which torch writes into every group: a
+        # group becomes a GaLore group by setting `rank`, so `rank` cannot be a default.
+        given = {k: v for k, v in dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type).items()
+                 if v is not None}
+        self.galore_defaults: dict[str, Any] = {**GALORE_GROUP_DEFAULTS, **given}
         params = list(params)
         if params and isinstance(params[0], dict):
-            params = [dict(g, **{k: v for k, v in given.items() if k not in g}) if "rank" in g else dict(g)
-                      for g in params]
-        elif "rank" in given:
-            params = split_by_shape(params, given.pop("rank"), given)
+            params = [dict(g) for g in params]   # filled with defaults below: the caller's dicts stay as given
+        elif rank is not None:
+            params = split_by_shape(params, rank, {})
         for key, value in GALORE_OPTION_DEFAULTS.items():
             defaults.setdefault(key, value)
         self.max_grad_norm = max_grad_norm
@@ -164,58 +173,148 @@ class GaLoreOptimizer(Optimizer):
         self._scratch = Scratch()
         self._pending: list[tuple[list[Item], dict, list[Entry]]] = []
         super().__init__(params, defaults)
+        self._watch_own_gradients()  # reduce_group: see check_gradients_unchanged
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group (the constructor's keywords fill what the group does not
+        set), plus: a GaLore group (one that sets `rank`) takes the constructor's
+        update_proj_gap / scale / proj_type where it sets none, and is checked; a group that
+        sets an optimizer-wide argument (max_grad_norm, clip_timing, reduce_group) is refused,
+        since one group cannot have its own global norm."""
+        wide = [k for k in OPTIMIZER_WIDE_KEYS if k in param_group]
+        if wide:
+            raise ValueError(f"param group sets {wide[0]}={param_group[wide[0]]!r}: {wide[0]} is optimizer-wide, "
+                             f"not a group key; pass it to the constructor: {type(self).__name__}(params, "
+                             f"{wide[0]}=...)")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "rank" in group:
-            check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]])
+            check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]],
+                               defaults=self.galore_defaults)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, with two additions: `galore` (the delayed clip coefficient), and
-        under FSDP2 each rank's block of a split state tensor (its rows of R's moments, its
-        rows of a full-rank parameter's) as a DTensor block of the logical tensor. As plain
-        tensors, torch's get_optimizer_state_dict + DCP would save them from one rank only
-        (and a full state dict would take one rank's block for the whole); as DTensors every
-        rank's block is saved, and DCP reshards them on load. GaLoreAdamW8bit's codes have an
-        absmax per 256 values of the rank's own block, so they are not blocks of one tensor:
-        on FSDP2 save that optimizer with galore_ds.layouts.checkpoint.dcp_state_dict."""
+        """torch's state dict, in a form every checkpoint path carries whole:
+        - every param group holds `next_clip_coef`, the coefficient delayed clipping carries
+          into the next step (torch's get/set_optimizer_state_dict keep only `state` and
+          `param_groups`); `galore` holds it as well (what older checkpoints carry);
+        - projectors are contiguous: a full state dict broadcast from rank 0 receives a
+          tensor's storage into row-major buffers (rank 0's column-major projectors came back
+          transposed on every other rank); load_state_dict puts them back in their layout;
+        - under a process group with DTensor parameters (FSDP2), each rank's block of a split
+          state tensor (its rows of R's moments, its rows of a full-rank parameter's) is a
+          DTensor block of the logical tensor. As plain tensors, torch's
+          get_optimizer_state_dict + DCP would save them from one rank only (and a full state
+          dict would take one rank's block for the whole); as DTensors every rank's block is
+          saved, and DCP reshards them on load. GaLoreAdamW8bit's codes have an absmax per 256
+          values of the rank's own block, so they are not blocks of one tensor: there its two
+          moments are given as their fp32 values, `exp_avg` and `exp_avg_sq`, and
+          load_state_dict quantizes them back, bit-identically where the loading rank's
+          blocks are the saver's (a resume on the same world size), within one code step
+          elsewhere. Without DTensor parameters the 8-bit codes are given as they are."""
         sd = super().state_dict()
-        sd["galore"] = {"next_clip_coef": self.next_clip_coef}
-        if dist.is_available() and dist.is_initialized():
-            self._split_state_as_dtensors(sd["state"])
+        coef = float(self.next_clip_coef)
+        sd["galore"] = {"next_clip_coef": coef}
+        for group in sd["param_groups"]:
+            group["next_clip_coef"] = coef
+        self._split_state_as_dtensors(sd["state"])
         return sd
 
     def _split_state_as_dtensors(self, state: dict[int, dict[str, Any]]) -> None:
-        from galore_ds.layouts.checkpoint import EIGHT_BIT_KEYS, dtensor_block
+        """state_dict's per-parameter form (see state_dict): contiguous projectors; under a
+        process group, DTensor blocks for DTensor parameters and 8-bit moments as fp32 values."""
+        from galore_ds.core.adamw8bit import AdamW8bitRule
+        from galore_ds.layouts.checkpoint import EIGHT_BIT_KEYS, dense_8bit, dtensor_block
 
+        distributed = dist.is_available() and dist.is_initialized()
         index = 0   # torch's state_dict numbers parameters in group order
         for group in self.param_groups:
             for pos, p in enumerate(group["params"]):
                 st = state.get(index)
                 index += 1
-                if not st or not is_dtensor(p):
+                if not st:
                     continue
-                e = self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos, len(group["params"]), None)
                 # a new dict: torch's state_dict shares the per-parameter dicts with self.state
-                state[index - 1] = {key: dtensor_block(e, key, value) if torch.is_tensor(value)
-                                    and key not in EIGHT_BIT_KEYS else value for key, value in st.items()}
+                st = {key: value.contiguous() if key == "proj" and torch.is_tensor(value) else value
+                      for key, value in st.items()}
+                if distributed and is_dtensor(p):
+                    e = self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos, len(group["params"]), None)
+                    if isinstance(self.rule, AdamW8bitRule) and "state1" in st:
+                        st = {**{k: v for k, v in st.items() if k not in EIGHT_BIT_KEYS}, **dense_8bit(st)}
+                    st = {key: dtensor_block(e, key, value) if torch.is_tensor(value) else value
+                          for key, value in st.items()}
+                state[index - 1] = st
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
-        moments for bf16 weights, so saved tensors are re-installed with their saved dtype
-        (moved to the parameter's device only), and projectors in their stored layout."""
-        extra = state_dict.get("galore", {})
-        self.next_clip_coef = float(extra.get("next_clip_coef", 1.0))
-        super().load_state_dict(state_dict)
+        """torch's loader, with GaLore's checks and forms:
+        - hyperparameters follow torch's rule: the checkpoint's values (lr, betas, weight
+          decay, update_proj_gap, scale, ...) replace the ones the optimizer was built with;
+          GaLore's shapes do not: a checkpoint whose rank or projector side differs from
+          this optimizer's is refused with one line (ValueError) and nothing is installed;
+        - a DTensor block saved on another layout (a per-rank state_dict() loaded on another
+          world size) is refused with one line naming the paths that reshard;
+        - torch's loader casts floating state to the parameter's dtype; GaLore keeps fp32
+          moments for bf16 weights, so saved tensors are re-installed with their saved dtype
+          (moved to the parameter's device only), projectors in their stored layout, and
+          GaLoreAdamW8bit's fp32 moments (state_dict under FSDP2) quantized back;
+        - `next_clip_coef` (delayed clipping) comes from the param groups (or `galore`)."""
+        from galore_ds.core.adamw8bit import AdamW8bitRule
+        from galore_ds.layouts.checkpoint import ADAM_KEYS, eight_bit_exact_form
+
         saved = state_dict["state"]
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):  # (torch's loader refuses other counts)
+            for gi, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+                for pid, p in zip(saved_group["params"], group["params"]):
+                    self._check_loadable(gi, saved_group, group, pid, p, saved.get(pid, {}))
+        coef = next((g["next_clip_coef"] for g in saved_groups if "next_clip_coef" in g),
+                    state_dict.get("galore", {}).get("next_clip_coef", 1.0))
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("next_clip_coef", None)   # optimizer-wide: kept on the optimizer
+        self.next_clip_coef = float(coef)
+        eight_bit = isinstance(self.rule, AdamW8bitRule)
+        for saved_group, group in zip(saved_groups, self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
+                dense = {}
                 for key, value in saved.get(pid, {}).items():
-                    if torch.is_tensor(value):   # a DTensor block (FSDP2, see state_dict): this rank's part
-                        value = local_tensor(value).to(device=local_tensor(p).device, copy=True)
+                    if not torch.is_tensor(value):
+                        continue
+                    value = local_tensor(value).to(device=local_tensor(p).device, copy=True)
+                    if eight_bit and key in ADAM_KEYS:
+                        dense[key] = value
+                        del self.state[p][key]
+                    else:
                         self.state[p][key] = pj.stored_layout(value) if key == "proj" else value
+                if dense:
+                    shape = tuple(dense["exp_avg"].shape)
+                    self.state[p].update(eight_bit_exact_form(dense, group, shape, local_tensor(p).device))
+
+    def _check_loadable(self, gi: int, saved_group: dict, group: dict, pid: Any, p: torch.Tensor,
+                        st: dict[str, Any]) -> None:
+        """load_state_dict's refusals for one parameter, before anything is installed."""
+        if ("rank" in saved_group or "rank" in group) and saved_group.get("rank") != group.get("rank"):
+            raise ValueError(
+                f"load_state_dict: param group {gi} rank: the checkpoint has {saved_group.get('rank')}, this "
+                f"optimizer was built with {group.get('rank')}; GaLore's projectors and moments are shaped by "
+                f"rank: build the optimizer with rank={saved_group.get('rank')} to resume this checkpoint")
+        if "proj_right" in st and "rank" in group:
+            built = pj.choose_side(global_shape(p), group["proj_type"])
+            was = "right" if bool(st["proj_right"]) else "left"
+            if was != built:
+                raise ValueError(
+                    f"load_state_dict: param group {gi} proj_type: the checkpoint's "
+                    f"{saved_group.get('proj_type')!r} projects a {tuple(global_shape(p))} matrix on the {was}, "
+                    f"this optimizer's {group['proj_type']!r} on the {built}; build the optimizer with "
+                    f"proj_type={saved_group.get('proj_type')!r} to resume this checkpoint")
+        for key, value in st.items():
+            if is_dtensor(value) and is_dtensor(p) and value.device_mesh.mesh.tolist() != p.device_mesh.mesh.tolist():
+                raise ValueError(
+                    f"load_state_dict: state {key!r} of a {tuple(global_shape(p))} parameter is a block "
+                    f"saved on ranks {value.device_mesh.mesh.tolist()}, this parameter is split over "
+                    f"{p.device_mesh.mesh.tolist()}: a per-rank state_dict() resumes on the same world size "
+                    "only; to change it save with torch's get_optimizer_state_dict + DCP (or "
+                    "galore_ds.layouts.checkpoint.dcp_state_dict / dcp_load)")
 
     # ------------------------------------------------------------------ layouts
     def layout_of(self, p: torch.Tensor) -> Layout:
@@ -254,6 +353,91 @@ class GaLoreOptimizer(Optimizer):
         if grad.dtype != proj.dtype:
             proj = proj.to(grad.dtype)
         return pj.project(grad, proj, "right" if state["proj_right"] else "left").float()
+
+    def _watch_own_gradients(self) -> None:
+        """With reduce_group, note each parameter's gradient as backward leaves it, in a
+        post-accumulate-grad hook, for check_gradients_unchanged: a plain tensor by identity and
+        version counter (O(1); autograd runs the hook at every micro-batch), a DTensor
+        (FSDP2 runs the hook once per step, after its reduce-scatter) by the norm of its block,
+        since an in-place op on a DTensor leaves both version counters as they were. Nothing
+        keeps the gradient alive (a weak reference)."""
+        self._grad_notes: dict[int, tuple[weakref.ref, int | None, torch.Tensor | None]] = {}
+        if self.reduce_group is None:
+            return
+        owner = weakref.ref(self)  # the hooks must not keep the optimizer (and its group) alive
+
+        def note(p: torch.Tensor) -> None:
+            opt, g = owner(), p.grad
+            if opt is not None and g is not None:
+                opt._grad_notes[id(p)] = ((weakref.ref(g), None, grad_mark(local_tensor(g))) if is_dtensor(g)
+                                          else (weakref.ref(g), g._version, None))
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(note)
+
+    def check_gradients_unchanged(self, entries: list[Entry]) -> None:
+        """Refuse, on every rank, a step whose gradients were changed after the data-parallel
+        machinery took them as each rank's own contribution (torch.nn.utils.clip_grad_norm_
+        called on the model, most often): that call clips each rank by the norm of its own
+        gradient, not of the average the optimizer steps with.
+        - DDP + lowrank_comm_hook: the hook averaged only the GaLore matrices' projections and
+          noted the norm of each gradient it read (layouts/replicated.py); a p.grad whose norm
+          differs now was scaled (a coefficient within 1e-6 of 1 passes: its effect is below
+          fp32 rounding). A call that scales nothing changes nothing, and the run is plain
+          DDP's: whenever plain DDP would clip, some rank clips here.
+        - reduce_group (replicated weights without gradient sync, HSDP replicas): every
+          gradient is noted as backward leaves it (_watch_own_gradients); any in-place change
+          of it since is refused, a clip_grad_norm_ that scaled nothing included (it writes
+          the gradients all the same), so the wrong idiom fails at its first step.
+        Over one rank nothing is refused (its own gradient is the average). Ranks may disagree
+        (one clipped, another did not), so the verdict is agreed by 1-element all-reduces (over
+        the hook's group; or the reduce group, then the parameters' shard groups) before the
+        step's other collectives, whenever backward left notes for this step: the same on
+        every rank."""
+        red = self.lowrank
+        flags, groups = [], []
+        if red is not None and red.marks:
+            pairs = [(e.g_local, mark) for e in entries for step, mark in [red.marks.get(id(e.key), (None, None))]
+                     if step == e.state["step"]]
+            if pairs and group_rank_size(red.group)[1] > 1:   # one rank: its own gradient is the average
+                flags.append(_marks_differ(torch.stack([grad_mark(g) for g, _ in pairs]),
+                                           torch.stack([mark for _, mark in pairs])))
+                groups.append(red.group)
+            red.marks.clear()
+        notes, self._grad_notes = self._grad_notes, {}
+        watched = [(e, notes[id(e.param)]) for e in entries if id(e.param) in notes]
+        if watched and group_rank_size(self.reduce_group)[1] > 1:
+            device = watched[0][0].g_local.device
+            replaced = any(e.param.grad is not ref() or (mark is None and e.param.grad._version != version)
+                           for e, (ref, version, mark) in watched)
+            flags.append(torch.tensor(replaced, device=device))
+            marked = [(e.g_local, mark) for e, (_, _, mark) in watched if mark is not None]
+            if marked:   # DTensor blocks, by value (one comparison for all)
+                flags.append(_marks_differ(torch.stack([grad_mark(g) for g, _ in marked]),
+                                           torch.stack([mark for _, mark in marked])).to(device))
+            groups.append(self.reduce_group)
+            groups += [e.layout.group for e, _ in watched if e.layout.group is not None]
+        if not flags:
+            return
+        flag = torch.stack([f.to(flags[0].device, torch.float32) for f in flags]).max().reshape(1)
+        for group in {id(g): g for g in groups if group_rank_size(g)[1] > 1}.values():  # first-seen order
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            COMM.record("clip_check", flag.numel() * flag.element_size())
+        if flag.item() == 0:
+            return
+        if red is not None and red.group in groups:
+            raise RuntimeError(
+                "torch.nn.utils.clip_grad_norm_ (or another in-place change) scaled gradients that "
+                "lowrank_comm_hook left per rank (only their projections are averaged), so ranks clipped by "
+                "different norms: pass max_grad_norm=... to the optimizer instead (it clips by the global norm of "
+                "what it consumes, the same on every rank)")
+        raise RuntimeError(
+            "torch.nn.utils.clip_grad_norm_ (or another in-place change) wrote gradients that are each rank's own "
+            "contribution until this optimizer averages them over reduce_group, so each rank clipped by its own "
+            "norm: pass max_grad_norm=... to the optimizer instead (it clips by the global norm of what it "
+            "consumes, the same on every rank)")
 
     def forget_layouts(self) -> None:
         """Read every parameter's layout again at the next step (after a framework replaced or
@@ -352,6 +536,7 @@ class GaLoreOptimizer(Optimizer):
             self._create_states()
             return loss
         entries = self._entries()
+        self.check_gradients_unchanged(entries)  # before any collective of the step
         deferred = self.zero is not None and self.zero.per_call
         items, undo = self.prepare(entries, reuse_buffers=not deferred)
         if deferred:
@@ -392,7 +577,8 @@ class GaLoreOptimizer(Optimizer):
 
     def _create_states(self) -> None:
         """Every state entry in the shape training gives it, values that change nothing: step
-        0 (so the first real step still refreshes), a zero placeholder projector, zero moments.
+        0 (so the first real step still refreshes), a zero placeholder projector, zero moments
+        (the rule's init_state: no update runs, so no weight moves, whatever the rule's lr).
         What DCP then loads overwrites them; a run that never loads refreshes at its first step."""
         entries = self._entries()
         stats = dict(self.galore_stats)
@@ -402,7 +588,10 @@ class GaLoreOptimizer(Optimizer):
                 basis = torch.zeros(e.group["rank"], n if e.side == "right" else m, device=e.p_local.device)
                 self.install_projector(e, basis)
         items = self.complete(entries, self.project(entries, reuse_buffers=False))
-        self.update(items)  # lr 0 and zero gradients: creates the moments, moves no weight
+        # the rule's zero state, without its update: an update at "lr 0" is not a no-op for
+        # every rule (Adafactor's relative step ignores lr and its weight decay moved weights)
+        for item in items:
+            self.rule.init_state(item)
         for e in entries:
             e.state["step"] = 0
         self.galore_stats = stats
@@ -698,6 +887,22 @@ class GaLoreOptimizer(Optimizer):
     def owned_sq(cls, item: Item) -> torch.Tensor:
         """Squared norm of the part of an item's gradient this rank counts."""
         return _sum_of_squares([cls.owned(item)])
+
+
+def grad_mark(grad: torch.Tensor) -> torch.Tensor:
+    """What is noted of a gradient when the data-parallel machinery takes it, and recomputed
+    the same way at the step (GaLoreOptimizer.check_gradients_unchanged): its L2 norm (fp32, on
+    its device; a scaled gradient has a scaled norm)."""
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+
+def _marks_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """Whether any gradient's norm differs from the one noted by more than 1e-6 relative (a
+    coefficient that close to 1 changes nothing above fp32 rounding). A NaN/Inf norm, then or
+    now, does not count: the optimizer skips that step on every rank (its norm is non-finite),
+    so nothing is applied that a clip could have made differ."""
+    now = now.to(then.device)
+    return (torch.isfinite(now) & torch.isfinite(then) & ((now - then).abs() > 1e-6 * then)).any()
 
 
 def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:

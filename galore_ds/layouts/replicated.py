@@ -16,6 +16,15 @@ Two ways to use it:
   buckets are. The averaged R waits in the optimizer for its step (`LowRankReduction`); a
   matrix due for a refresh keeps its own (un-averaged) gradient, which the optimizer's refresh
   reduces as said above.
+  Clipping: the optimizer's max_grad_norm clips by the norm of what it consumes (the averaged
+  R), the same on every rank. torch.nn.utils.clip_grad_norm_ on the DDP model cannot work
+  here: the GaLore matrices' p.grad is each rank's own gradient (only R is averaged), so each
+  rank would clip by its own norm, and plain DDP's norm needs the averaged full G, which never
+  travels. The hook therefore notes each GaLore gradient's norm as it reads it, and the
+  optimizer's step refuses on every rank a p.grad that was scaled since (one line naming
+  max_grad_norm). Whenever plain DDP would clip, some rank clips here (the average of the
+  ranks' squared norms bounds the squared norm of the average), so a run that is not refused
+  is plain DDP's.
 - per-layer (galore_ds.LayerwiseOptimizer on an optimizer built with reduce_group=group):
   no DDP wrapper; every hook projects its matrix and frees the full gradient, and R is
   averaged in buckets launched asynchronously while backward goes on (layouts/layerwise.py).
@@ -29,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from galore_ds.layouts.comm import COMM, group_rank_size
+from galore_ds.layouts.optimizer import grad_mark
 
 
 @dataclass
@@ -40,6 +50,10 @@ class LowRankReduction:
     group: Any
     galore: set[int] = field(default_factory=set)
     reduced: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)  # id -> (step, R)
+    # id -> (step, grad_mark of the gradient the hook read): the optimizer's step compares it
+    # with p.grad (GaLoreOptimizer.check_gradients_unchanged); every GaLore matrix in a bucket gets
+    # one, projected or left for its refresh
+    marks: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class LowRankHookState:
@@ -73,6 +87,8 @@ def lowrank_comm_hook(state: LowRankHookState, bucket: "dist.GradBucket") -> tor
     sends, slots = [], []
     for p, g in zip(bucket.parameters(), bucket.gradients()):
         if id(p) in red.galore:
+            st = opt.state.get(p)
+            red.marks[id(p)] = (st["step"] if st and "step" in st else 0, grad_mark(g.view(p.shape)))
             low = opt.lowrank_for_hook(p, g)
             if low is not None:
                 sends.append(low.reshape(-1))

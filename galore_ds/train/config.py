@@ -3,7 +3,8 @@
 A recipe is a JSON object with the sections below; every key has a default, so a recipe only
 states what differs. `--set section.key=value` overrides one key (value parsed as JSON, else
 taken as a string). Validation runs before any heavy import (this module imports only the
-standard library) and every problem raises ConfigError("<key>: <problem>; <fix>").
+standard library and galore_ds.core.settings, the GaLore defaults, which imports nothing else)
+and every problem raises ConfigError("<key>: <problem>; <fix>").
 
 Sections: model, data, training, galore, engine (with engine.deepspeed passed to DeepSpeed
 as-is and engine.fsdp), checkpoint, logging. Keys starting with "_" are comments.
@@ -18,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from galore_ds.core.settings import DEFAULTS as GALORE, MOMENT_POLICIES  # standard library only, like this module
 
 BUILTIN_SOURCE = "python-stdlib"   # the embedded default corpus (no download)
 HF_PREFIX = "hf:"                  # data.source "hf:<dataset name>" streams a Hugging Face dataset
@@ -107,20 +110,22 @@ class TrainingConfig:
 
 @dataclass
 class GaloreConfig:
+    """The recipe's `galore` section: GaLoreSettings' options with its defaults
+    (galore_ds/core/settings.py, the one place they are written), plus `enabled`."""
     enabled: bool = True              # False: every matrix full-rank (the AdamW baseline)
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"            # std | left | right | reverse_std
-    target_modules: list = field(default_factory=lambda: ["attn", "mlp"])
-    refresh: str = "svd"              # svd (exact) | randomized (warm subspace iteration)
-    signs: str = "aligned"            # aligned | lapack
-    moments: str = "keep"             # keep | reproject | reset
-    stagger: bool = False
-    oversample: int = 8
-    power_iters: int = 1
-    first_power_iters: int = 4
-    seed: int = 0
+    rank: int = GALORE.rank
+    update_proj_gap: int = GALORE.update_proj_gap
+    scale: float = GALORE.scale
+    proj_type: str = GALORE.proj_type            # std | left | right | reverse_std
+    target_modules: list = field(default_factory=lambda: list(GALORE.target_modules))
+    refresh: str = GALORE.refresh                # svd (exact) | randomized (warm subspace iteration)
+    signs: str = GALORE.signs                    # aligned | lapack
+    moments: str = GALORE.moments                # keep | reproject | reset
+    stagger: bool = GALORE.stagger
+    oversample: int = GALORE.oversample
+    power_iters: int = GALORE.power_iters
+    first_power_iters: int = GALORE.first_power_iters
+    seed: int = GALORE.seed
 
 
 @dataclass
@@ -488,7 +493,7 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
         _choice("galore.proj_type", g.proj_type, ("std", "reverse_std", "left", "right"))
         _choice("galore.refresh", g.refresh, ("svd", "randomized"))
         _choice("galore.signs", g.signs, ("aligned", "lapack"))
-        moments = ("keep", "reproject", "reset") if t.optimizer == "galore_adamw" else ("keep", "reset")
+        moments = MOMENT_POLICIES if t.optimizer == "galore_adamw" else ("keep", "reset")
         _choice("galore.moments", g.moments, moments)
         for key in ("oversample", "power_iters", "first_power_iters"):
             _positive(f"galore.{key}", getattr(g, key), allow_zero=key == "oversample")

@@ -373,5 +373,15 @@ for _name in OPTIMIZERS:
     CASES[f"dcp_load_3_{_name}"] = lambda w, n=_name: dcp_load_elsewhere(w, n)
 
 
+# ------------------------------------------------------------------ every checkpoint path (issue 21)
+def _on_2_and_3(fn):
+    return lambda world: {"skipped": "saves on 2 ranks, loads on 2 and 3"} if world == 4 else fn(world)
+
+
+from checkpoint_paths_worker import SUITE_CASES  # noqa: E402
+
+CASES.update({f"ckpt_{name}": _on_2_and_3(fn) for name, fn in SUITE_CASES.items()})
+
+
 if __name__ == "__main__":
     run_worker(CASES)

@@ -196,7 +196,10 @@ class Engine(ABC):
             import torch
             import torch.distributed as dist
 
+            from galore_ds.layouts.comm import COMM
+
             t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            COMM.record("loss_mean", t.numel() * t.element_size())
             dist.all_reduce(t)
             total, count = float(t[0]), int(t[1])
         return total / count if count else math.nan

@@ -17,7 +17,8 @@ optimizers, which DeepSpeed's wrappers drive (galore_ds/integrations/deepspeed.p
   tensors, by parameter): a resume on another world size or ZeRO stage loads that, puts the
   weights into every copy DeepSpeed keeps (fp32 masters, 16-bit partitions and parameters),
   and restores the schedule and DeepSpeed's step counters. fp16's dynamic loss scale restarts
-  from its initial value there.
+  from its initial value there. DeepSpeed's elastic and universal checkpoint formats cannot hold
+  GaLore's state: engine.deepspeed naming them is a recipe error.
 - On CPU, DeepSpeed's shared-memory all-reduce leaves one buffer per rank in /dev/shm that it
   never unlinks; this engine unlinks its own at exit (however the process ends short of a kill).
 """
@@ -98,7 +99,7 @@ class DeepSpeedEngine(Engine):
     def setup(self, model: nn.Module) -> None:
         import deepspeed
 
-        from galore_ds.integrations.deepspeed import register
+        from galore_ds.integrations.deepspeed import CheckpointFormatError, register
 
         register()
         self.init_process_group()
@@ -108,8 +109,13 @@ class DeepSpeedEngine(Engine):
         self.check_config(config)
         optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg)
         scheduler = warmup_cosine(optimizer, self.cfg)
-        self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        try:
+            self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        except CheckpointFormatError as e:  # a format that cannot hold GaLore's state: a recipe error
+            raise ConfigError("engine.deepspeed", e.problem,
+                              "remove it: this engine's checkpoints resume bit-identically on the same world "
+                              "size, and on another world size or stage through their galore_state copy") from None
         self.basic_optimizer = optimizer
 
     @staticmethod
