@@ -56,3 +56,19 @@ def test_core_is_math_only():
     """core imports torch, never torch.distributed."""
     for path in (PKG / "core").rglob("*.py"):
         assert not any(m.startswith("torch.distributed") for m in _imports(path)), path
+
+
+def test_layouts_know_a_rule_by_its_declarations_not_its_class():
+    """layouts/ (the step, the checkpoint formats, the ZeRO binding) reads a rule's
+    declarations (core/rule.py: whole_rows, quantized, state_shapes) and never compares a class
+    or type name: a new rule then needs no change there."""
+    found = []
+    for path in sorted((PKG / "layouts").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(s, ast.Attribute) and s.attr == "__name__" for s in sides):
+                    found.append(f"{path.name}:{node.lineno} compares a __name__")
+            if isinstance(node, ast.Name) and node.id.endswith("Rule") and node.id != "UpdateRule":
+                found.append(f"{path.name}:{node.lineno} names the rule class {node.id}")
+    assert found == []

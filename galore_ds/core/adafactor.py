@@ -88,6 +88,23 @@ def _rule_grad(item: Item) -> torch.Tensor:
 
 class AdafactorRule:
     moment_policies = MOMENT_POLICIES
+    whole_rows = True    # RMS and the factored second moment span whole rows and columns
+    quantized = False
+
+    @staticmethod
+    def state_shapes(grad_shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
+        """RMS, the first moment when beta1 is set, and the second moment: factored into row and
+        column statistics for a matrix, whole for a vector (transformers' Adafactor)."""
+        shape = tuple(grad_shape)
+        shapes: dict[str, tuple[int, ...]] = {"RMS": ()}
+        if group["beta1"] is not None:
+            shapes["exp_avg"] = shape
+        if len(shape) >= 2:
+            shapes["exp_avg_sq_row"] = shape[:-1]
+            shapes["exp_avg_sq_col"] = shape[:-2] + shape[-1:]
+        else:
+            shapes["exp_avg_sq"] = shape
+        return shapes
 
     def update(self, items: list[Item], reduce: Reduce | None = None) -> None:
         local, split = [], []

@@ -12,12 +12,16 @@ import math
 import torch
 
 from galore_ds.core.scratch import MAX_NUMEL, Scratch
+from galore_ds.core.rule import adam_state_shapes
 from galore_ds.core.settings import MOMENT_POLICIES  # every policy; AdamW supports them all
 from galore_ds.core.update import Item, apply_update, decay_weight, rotate_low_rank
 
 
 class AdamWRule:
     moment_policies = MOMENT_POLICIES
+    whole_rows = False
+    quantized = False
+    state_shapes = staticmethod(adam_state_shapes)
 
     def __init__(self) -> None:
         self.scratch = Scratch()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from galore_ds.core.rule import adam_state_shapes
 from galore_ds.core.update import Item, apply_update, decay_weight
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise quantisation block
@@ -57,6 +58,9 @@ def init_moments(state: dict, like: torch.Tensor, group: dict) -> None:
 
 class AdamW8bitRule:
     moment_policies = MOMENT_POLICIES
+    whole_rows = False
+    quantized = True                                  # state1/state2 codes + absmax1/absmax2
+    state_shapes = staticmethod(adam_state_shapes)    # their fp32 values, as checkpoints carry them
 
     def update(self, items: list[Item], reduce=None) -> None:
         for item in items:

@@ -258,7 +258,8 @@ def _dtensor_like(local: torch.Tensor, param: torch.Tensor, where: Place) -> tor
     """`local` as a DTensor block of its logical tensor, split like `param` along where.dim."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    placements = [Shard(where.dim) if type(pl).__name__ == "Shard" else Replicate() for pl in param.placements]
+    # (type, not isinstance: _StridedShard is a Shard subclass the layouts refuse)
+    placements = [Shard(where.dim) if type(pl) is Shard else Replicate() for pl in param.placements]
     stride, acc = [], 1
     for d in reversed(where.shape):
         stride.insert(0, acc)
@@ -296,9 +297,7 @@ def optim_state_dict(opt, names: dict[int, str] | None = None, prefix: str = "",
     GaLoreAdamW8bit's moments: their fp32 values as blocks of the logical moments (any world
     size; load_optim_state_dict quantizes them back, bit-identically on the same layout), or
     with raw_8bit each shard's codes as they are (dcp_load re-forms them itself)."""
-    from galore_ds.core.adamw8bit import AdamW8bitRule
-
-    dense = not raw_8bit and isinstance(opt.rule, AdamW8bitRule)
+    dense = not raw_8bit and opt.rule.quantized
     # delayed clipping's carried coefficient: optimizer-wide, the same on every rank
     optim: dict[str, Any] = {f"{prefix}next_clip_coef": torch.tensor(float(opt.next_clip_coef), dtype=torch.float64)}
     for gi, group in enumerate(opt.param_groups):
@@ -386,19 +385,7 @@ def _rule_keys(opt, e: Entry) -> dict[str, tuple[int, ...]]:
         else:
             span = (lay.piece.start, lay.piece.end)
         local[low.dim] = span[1] - span[0]
-    local = tuple(local)
-    name = type(opt.rule).__name__
-    if name == "AdafactorRule":
-        keys: dict[str, tuple[int, ...]] = {"RMS": ()}
-        if e.group["beta1"] is not None:
-            keys["exp_avg"] = local
-        if len(local) >= 2:
-            keys["exp_avg_sq_row"] = local[:-1]
-            keys["exp_avg_sq_col"] = local[:-2] + local[-1:]
-        else:
-            keys["exp_avg_sq"] = local
-        return keys
-    return {"exp_avg": local, "exp_avg_sq": local}
+    return opt.rule.state_shapes(tuple(local), e.group)
 
 
 def _saved_tensors(checkpoint_id: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -417,7 +404,7 @@ def dcp_load(model: torch.nn.Module, opt, checkpoint_id: str) -> None:
 
     saved = _saved_tensors(checkpoint_id)
     names = {id(p): n for n, p in model.named_parameters()}
-    eight_bit = type(opt.rule).__name__ == "AdamW8bitRule"
+    eight_bit = opt.rule.quantized
     optim: dict[str, Any] = {f"group{gi}.lr": torch.tensor(0.0, dtype=torch.float64)
                              for gi in range(len(opt.param_groups))}
     optim["next_clip_coef"] = torch.tensor(1.0, dtype=torch.float64)  # (1.0: a checkpoint from before it was saved)

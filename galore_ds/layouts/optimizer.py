@@ -65,7 +65,6 @@ from galore_ds.layouts.refresh import refresh as refresh_entries
 from galore_ds.layouts.zero import ZeroBinding
 
 CLIP_TIMINGS = ("exact", "delayed")
-ROW_RULES = ("AdafactorRule",)  # rules whose statistics need 2-D rows of every matrix
 _IGNORE_STEPS = [0]
 
 
@@ -223,7 +222,6 @@ class GaLoreOptimizer(Optimizer):
     def _split_state_as_dtensors(self, state: dict[int, dict[str, Any]]) -> None:
         """state_dict's per-parameter form (see state_dict): contiguous projectors; under a
         process group, DTensor blocks for DTensor parameters and 8-bit moments as fp32 values."""
-        from galore_ds.core.adamw8bit import AdamW8bitRule
         from galore_ds.layouts.checkpoint import EIGHT_BIT_KEYS, dense_8bit, dtensor_block
 
         distributed = dist.is_available() and dist.is_initialized()
@@ -239,7 +237,7 @@ class GaLoreOptimizer(Optimizer):
                       for key, value in st.items()}
                 if distributed and is_dtensor(p):
                     e = self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos, len(group["params"]), None)
-                    if isinstance(self.rule, AdamW8bitRule) and "state1" in st:
+                    if self.rule.quantized and "state1" in st:
                         st = {**{k: v for k, v in st.items() if k not in EIGHT_BIT_KEYS}, **dense_8bit(st)}
                     st = {key: dtensor_block(e, key, value) if torch.is_tensor(value) else value
                           for key, value in st.items()}
@@ -258,7 +256,6 @@ class GaLoreOptimizer(Optimizer):
           (moved to the parameter's device only), projectors in their stored layout, and
           GaLoreAdamW8bit's fp32 moments (state_dict under FSDP2) quantized back;
         - `next_clip_coef` (delayed clipping) comes from the param groups (or `galore`)."""
-        from galore_ds.core.adamw8bit import AdamW8bitRule
         from galore_ds.layouts.checkpoint import ADAM_KEYS, eight_bit_exact_form
 
         saved = state_dict["state"]
@@ -273,7 +270,7 @@ class GaLoreOptimizer(Optimizer):
         for group in self.param_groups:
             group.pop("next_clip_coef", None)   # optimizer-wide: kept on the optimizer
         self.next_clip_coef = float(coef)
-        eight_bit = isinstance(self.rule, AdamW8bitRule)
+        eight_bit = self.rule.quantized
         for saved_group, group in zip(saved_groups, self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 dense = {}
@@ -455,7 +452,7 @@ class GaLoreOptimizer(Optimizer):
         return idx
 
     def _rows_needed(self) -> bool:
-        return type(self.rule).__name__ in ROW_RULES
+        return self.rule.whole_rows
 
     def entry(self, key: Any, p: torch.Tensor, layout: Layout, group: dict, index: int, pos: int,
               n_in_group: int, grad: torch.Tensor | None) -> Entry:

@@ -202,7 +202,11 @@ def _bf16(bo) -> ZeroBinding:
 def read_zero_layout(wrapper, stage: int) -> ZeroBinding | None:
     """The binding for DeepSpeed's optimizer wrapper, or None when the optimizer sees the real
     parameters (ZeRO-0, fp32 or through FP16_UnfusedOptimizer's per-tensor fp32 copies)."""
-    if wrapper is None or type(wrapper).__name__ == "FP16_UnfusedOptimizer":
+    if wrapper is None:
+        return None
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # only reached under DeepSpeed
+
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
         return None
     if getattr(wrapper, "offload_optimizer", False) or getattr(wrapper, "cpu_offload", False):
         raise NotImplementedError(
