@@ -13,7 +13,7 @@ Convention: bytes a rank SENDS per optimizer step under bandwidth-optimal ring a
   all_gather of a P-byte per-rank input    (W-1) x P      (= (W-1)/W of the gathered output)
   reduce / broadcast of a P-byte tensor    P              (pipelined: each rank passes it on once)
 `Collective.payload` is the tensor handed to the call, what galore_ds.layouts.comm's
-count_collectives records, so a test can compare payloads exactly and sent bytes by the rule
+benchmarks/collectives.py's count_collectives records, so a test can compare payloads exactly and sent bytes by the rule
 above. Scalar collectives (loss mean, gradient norm: bytes) are left out.
 
 Per method (gradients reduced once per optimizer step; accumulation stays local):
@@ -204,7 +204,7 @@ def predicted_bytes(shapes: list[ParamShape], rank: int, world: int, method: str
       refresh_bytes (8 with reduce_dtype=float64), the randomized program's oversample /
       power_iters / first_power_iters, and `cold` for the first refresh instead of a warm one.
     Returns a Traffic; .step_bytes(), .refresh_extra(), .average(T) give bytes sent, and each
-    Collective's payload is what count_collectives records (summed over its `calls`; the step
+    Collective's payload is what benchmarks/collectives.py's count_collectives records (summed over its `calls`; the step
     traffic of DDP-style methods goes out in buckets, counted here as one call).
     """
     traffic = Traffic(world)

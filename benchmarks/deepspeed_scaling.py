@@ -86,7 +86,7 @@ def run(stage, world, rank, opt_name):
     import deepspeed
     import torch.distributed as dist
 
-    from galore_ds.layouts.comm import count_collectives
+    from collectives import count_collectives  # benchmarks/, this script's folder
 
     torch.manual_seed(0)
     model = Stack()

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import galore_ds  # noqa: E402
-from galore_ds.layouts.comm import COMM, count_collectives  # noqa: E402
+from collectives import count_collectives  # noqa: E402  (benchmarks/, this script's folder)
+from galore_ds.layouts.comm import COMM  # noqa: E402
 
 
 class Block(nn.Module):

@@ -18,20 +18,19 @@ Refresh pieces:
   (gradients that are per-rank contributions, as replicated data parallelism leaves them).
 Step pieces:
 - `all_reduce_packed`: every tensor bound for the same process group in ONE all_reduce.
-- `CommCounter` / `count_collectives`: the helpers above record what they send; the
-  context manager independently counts every torch.distributed collective issued in its
-  body (tests assert the counts between refreshes).
+- `CommCounter` / `COMM`: every collective galore_ds issues is recorded where it is issued
+  (these helpers, the comm hook, the per-layer buckets, the engines' loss mean); the train
+  loop's `comm_bytes` reads it. (benchmarks/collectives.py counts every torch.distributed call
+  independently, for tests and benchmarks only: it wraps torch's functions.)
 
 Every function here is called by every rank of `group` with the same job list, including
 ranks whose pieces are empty: each is exactly one collective, or none when W == 1.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ import torch.distributed as dist
 __all__ = [
     "svd_cost", "assign_owners", "chunk_rows", "flat_counts", "gather_to_owners",
     "reduce_to_owners", "share_from_owners", "all_reduce_packed", "CommCounter", "COMM",
-    "count_collectives", "group_rank_size",
+    "group_rank_size",
 ]
 
 
@@ -134,63 +133,6 @@ class CommCounter:
 
 #: process-wide counter the helpers write to
 COMM = CommCounter()
-
-# torch.distributed entry points counted by `count_collectives` (the ones present are wrapped),
-# with the position of the tensor (or list of tensors) this rank hands over to be sent.
-_COLLECTIVES = {
-    "all_reduce": 0, "reduce": 0, "broadcast": 0, "send": 0, "isend": 0, "all_gather": 1,
-    "all_gather_into_tensor": 1, "_all_gather_base": 1, "all_gather_single": 1, "reduce_scatter": 1,
-    "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter_single": 1,
-    "all_to_all": 1, "all_to_all_single": 1, "gather": 0, "scatter": 1, "all_gather_object": 1,
-    "broadcast_object_list": 0, "recv": None, "irecv": None, "barrier": None, "batch_isend_irecv": None,
-}
-_PAYLOAD_NAMES = ("tensor", "input_tensor", "input", "input_tensor_list", "tensor_list", "object_list", "obj")
-
-
-def _payload_bytes(position: int | None, args: tuple, kwargs: dict) -> int:
-    """Bytes of the tensor(s) a collective call hands over to be sent (objects: 0)."""
-    if position is None:
-        return 0
-    value = args[position] if position < len(args) else next(
-        (kwargs[k] for k in _PAYLOAD_NAMES if k in kwargs), None)
-    tensors = value if isinstance(value, (list, tuple)) else [value]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[CommCounter]:
-    """Count every torch.distributed collective called (by anyone) inside the body, with the
-    bytes of the tensors handed to it to send (the payload, once: a ring all-reduce moves
-    about 2(W-1)/W of it per rank).
-
-    torch.distributed offers no hook on its collectives, so this is the one place galore_ds
-    wraps someone else's functions: the module-level functions of torch.distributed, for the
-    duration of the body, seeing calls made through `dist.X` / `torch.distributed.X` (ours,
-    FSDP2's, DeepSpeed's torch backend, a DDP comm hook's; DDP's own C++ reducer is not
-    seen). Not thread-safe. For DTensor-implicit collectives use CommDebugMode as well.
-    """
-    counter = CommCounter()
-    saved = {}
-    for name, position in _COLLECTIVES.items():
-        fn = getattr(dist, name, None)
-        if fn is None:
-            continue
-        saved[name] = fn
-
-        def wrap(fn=fn, name=name, position=position):
-            @functools.wraps(fn)
-            def counted(*args, **kwargs):
-                counter.record(name, _payload_bytes(position, args, kwargs))
-                return fn(*args, **kwargs)
-            return counted
-
-        setattr(dist, name, wrap())
-    try:
-        yield counter
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
-
 
 # --------------------------------------------------------------------------- gather
 def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:

@@ -19,8 +19,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))  # collectives.py
 
 import pairwise  # noqa: E402
+from collectives import count_collectives  # noqa: E402
 from harness import (  # noqa: E402
     EIGHT_BIT_TOL, OPTIMIZERS, RANK, TOL, check, data, loss_fn, make_model, make_optimizer, params_equal,
     rel_diff, run_worker, snapshot,
@@ -29,7 +31,7 @@ from harness import (  # noqa: E402
 import galore_ds  # noqa: E402
 from galore_ds.core import projector as pj  # noqa: E402
 from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict  # noqa: E402
-from galore_ds.layouts.comm import COMM, count_collectives  # noqa: E402
+from galore_ds.layouts.comm import COMM  # noqa: E402
 
 STEPS, GAP = 7, 2          # refreshes at steps 0, 2, 4, 6
 DCP_ROWS = 12              # a global batch that 2 and 3 ranks split evenly
