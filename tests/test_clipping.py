@@ -84,5 +84,10 @@ def test_per_layer_with_accumulation_refuses_clip_grad_norm_(tmp_path_factory):
     _ranks(tmp_path_factory, "per_layer_with_accumulation_refuses_clip_grad_norm_")
 
 
+@pytest.mark.slow
+def test_per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_(tmp_path_factory):
+    _ranks(tmp_path_factory, "per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_")
+
+
 def test_every_row_is_run():
     assert {f"row_{f}_x_{i}" for f in FORMS for i in IDIOMS} <= set(CASES)

@@ -323,5 +323,32 @@ def case_per_layer_with_accumulation_refuses_clip_grad_norm_(world: int) -> dict
 CASES["per_layer_with_accumulation_refuses_clip_grad_norm_"] = case_per_layer_with_accumulation_refuses_clip_grad_norm_
 
 
+def case_per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_(world: int) -> dict:
+    """The same on FSDP2 shards: the full-rank parameters' DTensor gradients wait in p.grad for
+    the window's end, and torch's clip_grad_norm_ scales them in place (DTensor-aware, the same
+    coefficient on every rank) after the hooks counted the GaLore matrices' projections: every
+    rank refuses at lw.step()."""
+    rank = dist.get_rank()
+    model = make_model()
+    shard(model, world)
+    lw = galore_ds.LayerwiseOptimizer(optimizer(model, CGN), accumulation_steps=2)
+    for micro in range(2):
+        x, y = data(0, micro, 2 * world)
+        (loss_fn(model, x.chunk(world)[rank], y.chunk(world)[rank]) / 2).backward()
+        if micro == 1:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        try:
+            lw.step()
+        except RuntimeError as exc:
+            msg = str(exc)
+            assert micro == 1 and all(k in msg for k in REFUSAL) and "\n" not in msg, msg
+            return {"message": msg}
+    raise AssertionError("clip_grad_norm_ inside a per-layer FSDP2 accumulation window was not refused")
+
+
+CASES["per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_"] = (
+    case_per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_)
+
+
 if __name__ == "__main__":
     run_worker(CASES)
