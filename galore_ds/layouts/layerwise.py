@@ -100,7 +100,8 @@ from galore_ds.core.update import Item, clip_coefficient
 from galore_ds.layouts.comm import COMM, all_reduce_packed, group_rank_size
 from galore_ds.layouts.base import local_tensor
 from galore_ds.layouts.entry import Entry
-from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.layouts.dtensor import is_dtensor
+from galore_ds.layouts.optimizer import GaLoreOptimizer, grad_mark, marks_differ
 
 CLIP_TIMINGS = ("exact", "delayed")
 
@@ -213,7 +214,7 @@ class LayerwiseOptimizer:
         # what each hook of the current micro-batch left in p.grad: None (taken and freed) or
         # (a weak reference to the gradient, so that a gradient freed later is not kept alive,
         # and its version). step() checks that nothing wrote them since (_check_untouched).
-        self._seen: dict[torch.Tensor, tuple[weakref.ref, int] | None] = {}
+        self._seen: dict[torch.Tensor, tuple[weakref.ref, int | torch.Tensor] | None] = {}
 
     def _sync_groups(self) -> None:
         """Hook every parameter of the optimizer's groups not hooked yet: those of the
@@ -324,7 +325,7 @@ class LayerwiseOptimizer:
                     "it (a DistributedDataParallel model: DDP averages when backward ends, after each rank used its "
                     "own gradient); do not wrap the model in DDP, build the optimizer with "
                     "reduce_group=torch.distributed.group.WORLD (it averages the low-rank gradients itself)")
-            if g is not was[0]() or g._version != was[1]:
+            if g is not was[0]() or _changed(g, was[1]):
                 raise RuntimeError(
                     "LayerwiseOptimizer: a gradient changed between its per-layer hook and step() (DDP averaging "
                     "it or torch.nn.utils.clip_grad_norm_): the hooks already counted it; clip with "
@@ -467,7 +468,7 @@ class LayerwiseOptimizer:
                 self._acc[p] = p.grad.to(torch.float64)
             p.grad = None
         # else: autograd accumulates p.grad.
-        self._seen[p] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+        self._seen[p] = None if p.grad is None else (weakref.ref(p.grad), _fingerprint(p.grad))
 
     def _finish(self, e: Entry, defer: bool) -> None:
         """End of the window for one parameter: refresh if due, project, complete (the
@@ -599,6 +600,20 @@ class LayerwiseOptimizer:
                 e.write_back()
             e.state["step"] += 1
             e.param.grad = None
+
+
+def _fingerprint(grad: torch.Tensor) -> int | torch.Tensor:
+    """What a hook notes of a gradient it leaves in p.grad, to see at step() whether anything
+    wrote it since: a plain tensor's version counter (O(1)); a DTensor's block norm, since an
+    in-place op through a DTensor (torch's clip_grad_norm_ on FSDP2 gradients) leaves the
+    version counters as they were."""
+    return grad_mark(local_tensor(grad)) if is_dtensor(grad) else grad._version
+
+
+def _changed(grad: torch.Tensor, noted: int | torch.Tensor) -> bool:
+    if isinstance(noted, torch.Tensor):
+        return bool(marks_differ(grad_mark(local_tensor(grad)).reshape(1), noted.reshape(1)))
+    return grad._version != noted
 
 
 def attach(model_or_optimizer: Any, optimizer: GaLoreOptimizer | None = None, **kwargs: Any) -> LayerwiseOptimizer:

@@ -399,7 +399,7 @@ class GaLoreOptimizer(Optimizer):
             pairs = [(e.g_local, mark) for e in entries for step, mark in [red.marks.get(id(e.key), (None, None))]
                      if step == e.state["step"]]
             if pairs and group_rank_size(red.group)[1] > 1:   # one rank: its own gradient is the average
-                flags.append(_marks_differ(torch.stack([grad_mark(g) for g, _ in pairs]),
+                flags.append(marks_differ(torch.stack([grad_mark(g) for g, _ in pairs]),
                                            torch.stack([mark for _, mark in pairs])))
                 groups.append(red.group)
             red.marks.clear()
@@ -412,7 +412,7 @@ class GaLoreOptimizer(Optimizer):
             flags.append(torch.tensor(replaced, device=device))
             marked = [(e.g_local, mark) for e, (_, _, mark) in watched if mark is not None]
             if marked:   # DTensor blocks, by value (one comparison for all)
-                flags.append(_marks_differ(torch.stack([grad_mark(g) for g, _ in marked]),
+                flags.append(marks_differ(torch.stack([grad_mark(g) for g, _ in marked]),
                                            torch.stack([mark for _, mark in marked])).to(device))
             groups.append(self.reduce_group)
             groups += [e.layout.group for e, _ in watched if e.layout.group is not None]
@@ -893,7 +893,7 @@ def grad_mark(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 
-def _marks_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+def marks_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
     """Whether any gradient's norm differs from the one noted by more than 1e-6 relative (a
     coefficient that close to 1 changes nothing above fp32 rounding). A NaN/Inf norm, then or
     now, does not count: the optimizer skips that step on every rank (its norm is non-finite),
