@@ -300,14 +300,21 @@ def case_per_layer_refuses_two_different_clippings(world: int) -> dict:
 CASES["per_layer_refuses_two_different_clippings"] = case_per_layer_refuses_two_different_clippings
 
 
-def case_per_layer_with_accumulation_refuses_clip_grad_norm_(world: int) -> dict:
+def _per_layer_window_refuses_clip_grad_norm_(world: int, fsdp2: bool) -> dict:
     """The no-op row's other half: when the per-layer updates wait for lw.step() (accumulation),
     the full-rank gradients are still in p.grad at the call, which scales them after the hooks
-    counted them: lw.step() refuses (LayerwiseOptimizer's check), one line naming max_grad_norm."""
+    counted them: lw.step() refuses (LayerwiseOptimizer's check), one line naming max_grad_norm.
+    fsdp2: the same on FSDP2 shards, whose DTensor gradients clip_grad_norm_ scales in place
+    (DTensor-aware, the same coefficient on every rank): every rank refuses."""
+    rank = dist.get_rank()
     model = make_model()
+    if fsdp2:
+        shard(model, world)
     lw = galore_ds.LayerwiseOptimizer(optimizer(model, CGN), accumulation_steps=2)
     for micro in range(2):
         x, y = data(0, micro, 2 * world)
+        if fsdp2:
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         (loss_fn(model, x, y) / 2).backward()
         if micro == 1:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -317,37 +324,14 @@ def case_per_layer_with_accumulation_refuses_clip_grad_norm_(world: int) -> dict
             msg = str(exc)
             assert micro == 1 and all(k in msg for k in REFUSAL) and "\n" not in msg, msg
             return {"message": msg}
-    raise AssertionError("clip_grad_norm_ inside a per-layer accumulation window was not refused")
+    raise AssertionError(f"clip_grad_norm_ inside a per-layer {'FSDP2 ' if fsdp2 else ''}accumulation window "
+                         "was not refused")
 
 
-CASES["per_layer_with_accumulation_refuses_clip_grad_norm_"] = case_per_layer_with_accumulation_refuses_clip_grad_norm_
-
-
-def case_per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_(world: int) -> dict:
-    """The same on FSDP2 shards: the full-rank parameters' DTensor gradients wait in p.grad for
-    the window's end, and torch's clip_grad_norm_ scales them in place (DTensor-aware, the same
-    coefficient on every rank) after the hooks counted the GaLore matrices' projections: every
-    rank refuses at lw.step()."""
-    rank = dist.get_rank()
-    model = make_model()
-    shard(model, world)
-    lw = galore_ds.LayerwiseOptimizer(optimizer(model, CGN), accumulation_steps=2)
-    for micro in range(2):
-        x, y = data(0, micro, 2 * world)
-        (loss_fn(model, x.chunk(world)[rank], y.chunk(world)[rank]) / 2).backward()
-        if micro == 1:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        try:
-            lw.step()
-        except RuntimeError as exc:
-            msg = str(exc)
-            assert micro == 1 and all(k in msg for k in REFUSAL) and "\n" not in msg, msg
-            return {"message": msg}
-    raise AssertionError("clip_grad_norm_ inside a per-layer FSDP2 accumulation window was not refused")
-
-
+CASES["per_layer_with_accumulation_refuses_clip_grad_norm_"] = (
+    lambda w: _per_layer_window_refuses_clip_grad_norm_(w, fsdp2=False))
 CASES["per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_"] = (
-    case_per_layer_fsdp2_with_accumulation_refuses_clip_grad_norm_)
+    lambda w: _per_layer_window_refuses_clip_grad_norm_(w, fsdp2=True))
 
 
 if __name__ == "__main__":
