@@ -6,13 +6,13 @@ GPU to DeepSpeed ZeRO 0-3 and FSDP2 clusters.
 
 The optimizers read how each parameter is laid out (plain tensor, FSDP2/HSDP DTensor,
 DeepSpeed ZeRO partition) and take the exact step for it. Layers, each importing only the
-ones before it: core (math) -> layouts -> optim (these classes) -> integrations -> train ->
+ones before it: core (math) -> layouts -> optim (the step, these classes) -> integrations -> train ->
 tools; launch/train.py on top.
 """
 from galore_ds.core.groups import param_groups
-from galore_ds.layouts.layerwise import LayerwiseOptimizer
-from galore_ds.layouts.optimizer import GaLoreOptimizer
-from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
+from galore_ds.optim.layerwise import LayerwiseOptimizer
+from galore_ds.optim.step import GaLoreOptimizer
+from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __version__ = "0.2.0"

@@ -177,13 +177,13 @@ def test_dcp_resume_is_bit_identical_although_dcp_loads_row_major_tensors(tmp_pa
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_world_size_free_checkpoint_gives_back_each_moment_in_its_own_dtype(tmp_path, name):
-    """The FSDP engine's checkpoint (layouts/checkpoint.py: DCP, any world size) on bf16
+    """The FSDP engine's checkpoint (optim/checkpoint/: DCP, any world size) on bf16
     weights: the rule keeps a norm's AdamW moments in bf16 and a GaLore matrix's in fp32; a
     moment loaded back in another dtype rounds differently, so the resumed run drifts (it
     did: fp32 placeholders made the FSDP bf16 resume differ at its second step)."""
     import torch.distributed.checkpoint as dcp
 
-    from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict
+    from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict
 
     def make(model):
         return _make(name, model, refresh="randomized")
@@ -226,7 +226,7 @@ def _save_load(path, tmp_path, first, opt1, resumed, opt2):
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-    from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict, load_optim_state_dict, optim_state_dict
+    from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict, load_optim_state_dict, optim_state_dict
 
     ckpt = str(tmp_path / path)
     if path == "torch_dcp":
@@ -241,7 +241,7 @@ def _save_load(path, tmp_path, first, opt1, resumed, opt2):
         dcp_load(resumed, opt2, ckpt)
     else:  # torchtitan's flat form
         dcp.save({"model": get_model_state_dict(first), "optim": optim_state_dict(opt1)}, checkpoint_id=ckpt)
-        from galore_ds.layouts.checkpoint import create_state
+        from galore_ds.optim.checkpoint import create_state
 
         create_state(opt2)
         state = {"model": get_model_state_dict(resumed), "optim": optim_state_dict(opt2)}
@@ -385,7 +385,7 @@ def test_8bit_moments_given_as_fp32_values_quantize_back_to_the_same_state():
     back to 8-bit codes that dequantize to exactly those values when the loading rank's blocks
     are the saver's, including blocks whose largest value is negative (the signed map has no
     -1, so quantizing the values again would not give the saved codes back)."""
-    from galore_ds.layouts.checkpoint import EIGHT_BIT, dense_8bit, eight_bit_exact_form
+    from galore_ds.optim.checkpoint import EIGHT_BIT, dense_8bit, eight_bit_exact_form
 
     model = tiny_llama()
     opt = _make("adamw8bit", model)

@@ -165,7 +165,7 @@ class AdafactorRule:
         if not bool(torch.isfinite(total).all()):
             # a NaN/Inf on any rank reaches every rank's sums: all drop this update alike
             # (the optimizer's step skips such steps before the rule; per-layer immediate
-            # mode cannot, see layouts/layerwise.py)
+            # mode cannot, see optim/layerwise.py)
             return
         state["RMS"] = (total[-1] / item.param_numel).sqrt()
         if sp.dim is None:

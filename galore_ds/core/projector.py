@@ -180,7 +180,7 @@ def refresh_generator(seed: int, step: int, index: int) -> torch.Generator:
 # the `to_right` view). It is written as a generator ("program") that yields X (dim, k) and
 # receives A X back, so that the same arithmetic runs on one process (`run_program` with the
 # local operator) and on sharded gradients, where a driver answers many programs' requests
-# with one collective per round (galore_ds/layouts/refresh.py).
+# with one collective per round (galore_ds/optim/refresh.py).
 Program = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
 
 

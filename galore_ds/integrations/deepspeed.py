@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from galore_ds.core.groups import DEFAULT_TARGET_MODULES, GALORE_KEYS, GALORE_OPTION_DEFAULTS, param_groups
-from galore_ds.layouts.optimizer import GaLoreOptimizer, steps_ignored
+from galore_ds.optim.step import GaLoreOptimizer, steps_ignored
 from galore_ds.layouts.zero import read_zero_layout
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
@@ -94,7 +94,7 @@ def refuse_replaced_optimizer(client_optimizer: Any) -> None:
         "remove offload_optimizer from the DeepSpeed config; GaLore's optimizer states are already low-rank")
 
 
-_PIECES = ("galore_ds.layouts.checkpoint.save_pieces/load_pieces (which launch/train.py's deepspeed "
+_PIECES = ("galore_ds.optim.checkpoint.save_pieces/load_pieces (which launch/train.py's deepspeed "
            "engine writes with every checkpoint) resume on another world size or stage")
 
 

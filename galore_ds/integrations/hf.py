@@ -53,9 +53,9 @@ except ImportError:  # the one line a user without the extra sees
 
 from galore_ds.core.groups import param_groups
 from galore_ds.core.settings import DEFAULTS
-from galore_ds.layouts.layerwise import CLIP_TIMINGS, LayerwiseOptimizer
-from galore_ds.layouts.optimizer import GaLoreOptimizer
-from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
+from galore_ds.optim.layerwise import CLIP_TIMINGS, LayerwiseOptimizer
+from galore_ds.optim.step import GaLoreOptimizer
+from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 OPTIMIZERS = {"adamw": GaLoreAdamW, "adamw8bit": GaLoreAdamW8bit, "adafactor": GaLoreAdafactor}

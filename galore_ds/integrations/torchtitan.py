@@ -12,7 +12,7 @@ the same optimizer become one optimizer instance. `GaLoreOptimizersContainer` is
 with three more names, "GaLoreAdamW", "GaLoreAdamW8bit" and "GaLoreAdafactor"; the rest (the
 schedulers, the implementation keys `fused`/`foreach` and `param_names` it puts in every group,
 other optimizers' state) is torchtitan's. Its state_dict stays flat and keyed by parameter name
-for DCP, but the GaLore optimizers' part is galore_ds's own (layouts/checkpoint.py): under
+for DCP, but the GaLore optimizers' part is galore_ds's own (optim/checkpoint/): under
 FSDP2 each rank holds its own rows of the low-rank moments, which torchtitan's form would save
 from one rank only.
 `galore_param_groups` writes the three patterns `galore_ds.param_groups` builds by module name:
@@ -54,8 +54,8 @@ except ImportError:
 from galore_ds.core.groups import GALORE_OPTION_DEFAULTS, OPTIMIZER_WIDE_KEYS
 from galore_ds.core.settings import DEFAULTS
 from galore_ds.integrations.torchtitan_trainspec import TORCHTITAN_TARGETS
-from galore_ds.layouts.checkpoint import create_state, load_optim_state_dict, optim_state_dict
-from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim.checkpoint import create_state, load_optim_state_dict, optim_state_dict
+from galore_ds.optim.step import GaLoreOptimizer
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {

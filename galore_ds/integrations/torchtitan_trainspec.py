@@ -15,7 +15,7 @@ relative_step=False, so the job's lr and its schedule apply).
 GaLore groups are built by module name (default targets: torchtitan's LLaMA `attention` and
 `feed_forward`), one optimizer per model part, each reading the FSDP2/HSDP placements of its
 parameters. The container is Stateful like torchtitan's: state_dict() is a flat dict keyed by
-parameter name (galore_ds's form, layouts/checkpoint.py: each rank's blocks of the low-rank
+parameter name (galore_ds's form, optim/checkpoint/: each rank's blocks of the low-rank
 moments as DTensors), so DCP saves every rank's and reshards them. A fresh optimizer's state is
 created first with a zero-gradient, lr-0 step; the GaLore optimizers recognise it and create
 placeholders only (no projector from zeros, step stays 0).
@@ -30,8 +30,8 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from galore_ds.core.groups import OPTIMIZER_WIDE_KEYS, param_groups
-from galore_ds.layouts.checkpoint import create_state, load_optim_state_dict, optim_state_dict
-from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim.checkpoint import create_state, load_optim_state_dict, optim_state_dict
+from galore_ds.optim.step import GaLoreOptimizer
 from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor}
@@ -73,7 +73,7 @@ class TrainSpecOptimizersContainer(torch.optim.Optimizer, Stateful):
         for opt in self.optimizers:
             opt.zero_grad(*args, **kwargs)
 
-    # galore_ds's flat form (layouts/checkpoint.py), not torch's get_optimizer_state_dict: under
+    # galore_ds's flat form (optim/checkpoint/), not torch's get_optimizer_state_dict: under
     # FSDP2 each rank holds its own rows of the low-rank moments as plain tensors, which DCP
     # would save from one rank only; here they are DTensor blocks, saved from all and resharded.
     def state_dict(self) -> dict[str, Any]:

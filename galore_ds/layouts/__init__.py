@@ -1,2 +1,3 @@
-"""How a parameter is split across ranks (plain, DTensor, DeepSpeed ZeRO pieces), the one
-step skeleton and refresh routine that serve every layout, and the per-layer mode."""
+"""How a parameter is held on this rank (plain tensor, FSDP2/HSDP DTensor block, DeepSpeed
+ZeRO piece, replica with a per-rank gradient) and the collectives that join its pieces.
+Nothing here steps an optimizer: that is galore_ds/optim."""

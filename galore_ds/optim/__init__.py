@@ -1,4 +1,7 @@
-"""The public optimizers, one per file, and the per-layer mode that wraps any of them."""
+"""The optimizer over every layout: the one step (step.py), the projector refresh
+(refresh.py), the per-layer wrapper (layerwise.py), the DDP hook that sends low-rank gradients
+(lowrank_ddp.py), the checkpoint formats (checkpoint/), and the public optimizers, one
+constructor per file (adamw.py, adamw8bit.py, adafactor.py)."""
 from galore_ds.optim.adafactor import GaLoreAdafactor
 from galore_ds.optim.adamw import GaLoreAdamW
 from galore_ds.optim.adamw8bit import GaLoreAdamW8bit

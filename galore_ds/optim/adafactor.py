@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from galore_ds.core.adafactor import AdafactorRule
-from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim.step import GaLoreOptimizer
 
 
 class GaLoreAdafactor(GaLoreOptimizer):

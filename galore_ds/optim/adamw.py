@@ -5,7 +5,7 @@ from typing import Any, Iterable
 
 from galore_ds.core.adamw import AdamWRule
 from galore_ds.core.update import check_adam_hyperparameters
-from galore_ds.layouts.optimizer import GaLoreOptimizer
+from galore_ds.optim.step import GaLoreOptimizer
 
 
 class GaLoreAdamW(GaLoreOptimizer):

@@ -14,7 +14,7 @@ with one line naming the paths that reshard. Paths:
   torch_dcp   get_/set_model_state_dict and get_/set_optimizer_state_dict + DCP (sharded)
   torch_full  full_state_dict=True, cpu_offload=True to save (rank 0 writes one file);
               full_state_dict=True, broadcast_from_rank0=True to load (Accelerate's FSDP full state)
-  galore_dcp  galore_ds.layouts.checkpoint.dcp_state_dict / dcp_load
+  galore_dcp  galore_ds.optim.checkpoint.dcp_state_dict / dcp_load
   flat        torchtitan's form: optim_state_dict / load_optim_state_dict + DCP
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def save(path: str, model, opt, where: str) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
-    from galore_ds.layouts.checkpoint import dcp_state_dict, optim_state_dict
+    from galore_ds.optim.checkpoint import dcp_state_dict, optim_state_dict
 
     rank = dist.get_rank()
     if path == "per_rank":
@@ -100,7 +100,7 @@ def load(path: str, model, opt, where: str) -> None:
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict)
 
-    from galore_ds.layouts.checkpoint import create_state, dcp_load, load_optim_state_dict, optim_state_dict
+    from galore_ds.optim.checkpoint import create_state, dcp_load, load_optim_state_dict, optim_state_dict
 
     rank = dist.get_rank()
     if path == "per_rank":  # on 3 ranks rank 2 reads rank 1's file: only the optimizer can say

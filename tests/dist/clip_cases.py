@@ -49,7 +49,7 @@ from harness import OPTIMIZERS, RANK, TOL, check, data, loss_fn, make_model, rel
 
 import galore_ds  # noqa: E402
 from galore_ds.layouts.comm import COMM  # noqa: E402
-from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook  # noqa: E402
+from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook  # noqa: E402
 
 STEPS, GAP, CLIP = 7, 2, 0.05
 CGN = "clip_grad_norm_"

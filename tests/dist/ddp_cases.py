@@ -27,7 +27,7 @@ from harness import EIGHT_BIT_TOL, TOL, check, data, loss_fn, make_model, make_o
 
 import galore_ds  # noqa: E402
 from galore_ds.layouts.comm import COMM  # noqa: E402
-from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook  # noqa: E402
+from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook  # noqa: E402
 
 STEPS, GAP, CLIP = 7, 2, 0.05
 # bf16 wire: the sum over ranks rounded to bf16 (~3 significant digits) every step; measured

@@ -413,7 +413,7 @@ def other_world_size_pieces(world: int, *, stage: int) -> dict:
     save_pieces on 2 ranks, load_pieces on 3 after deepspeed.initialize, the full weights copied
     into DeepSpeed's 16-bit parameters. With delayed clipping the carried coefficient travels
     too (it was lost: 1.0 after load_pieces), so the 3-rank run continues as one process would."""
-    from galore_ds.layouts.checkpoint import load_pieces, save_pieces
+    from galore_ds.optim.checkpoint import load_pieces, save_pieces
 
     rank, root = dist.get_rank(), os.environ.get("GALORE_TEST_CKPT")
     if world not in (2, 3) or not root:

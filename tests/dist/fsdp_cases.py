@@ -30,7 +30,7 @@ from harness import (  # noqa: E402
 
 import galore_ds  # noqa: E402
 from galore_ds.core import projector as pj  # noqa: E402
-from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict  # noqa: E402
+from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict  # noqa: E402
 from galore_ds.layouts.comm import COMM  # noqa: E402
 
 STEPS, GAP = 7, 2          # refreshes at steps 0, 2, 4, 6

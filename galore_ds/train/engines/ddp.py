@@ -11,7 +11,7 @@
   reduce_group); then each update runs. Accumulation keeps projected sums locally and
   averages once per step.
 - Step time: torch's DistributedDataParallel with galore_ds's communication hook
-  (layouts/replicated.py): DDP's buckets carry R of every GaLore matrix instead of G.
+  (optim/lowrank_ddp.py): DDP's buckets carry R of every GaLore matrix instead of G.
 - Refresh: galore.refresh=randomized is a subspace iteration whose Gram products are two
   low-rank all-reduces per round (cold: first_power_iters rounds from a seeded start, then
   warm); svd sends each matrix's summed gradient to one owner rank (one reduce_scatter) and
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galore_ds.layouts.replicated import LowRankHookState, lowrank_comm_hook
+from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
 from galore_ds.train.engines.base import Engine, StepResult
 from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step
 from galore_ds.train.model import materialize

@@ -13,7 +13,7 @@ optimizers, which DeepSpeed's wrappers drive (galore_ds/integrations/deepspeed.p
   over the accumulation, reduces, steps the optimizer and the scheduler once at the boundary.
 - Checkpoints: DeepSpeed's own (engine.save_checkpoint: a resume on the same world size and
   stage is bit-identical), plus a copy that does not depend on the layout
-  (layouts/checkpoint.py save_pieces: fp32 weights and GaLore state as pieces of whole
+  (optim/checkpoint/ save_pieces: fp32 weights and GaLore state as pieces of whole
   tensors, by parameter): a resume on another world size or ZeRO stage loads that, puts the
   weights into every copy DeepSpeed keeps (fp32 masters, 16-bit partitions and parameters),
   and restores the schedule and DeepSpeed's step counters. fp16's dynamic loss scale restarts
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galore_ds.layouts.checkpoint import load_pieces, load_torch_pieces, save_pieces, save_torch_pieces
+from galore_ds.optim.checkpoint import load_pieces, load_torch_pieces, save_pieces, save_torch_pieces
 from galore_ds.layouts.zero import read_zero_layout
 from galore_ds.train import faults
 from galore_ds.train.config import ConfigError

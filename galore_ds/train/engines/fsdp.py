@@ -20,7 +20,7 @@ placements (galore_ds/layouts).
   FSDP2 backward, from the hook FSDP2 runs after the shard's reduce-scatter, and frees the
   gradient; with HSDP, on FSDP2's 2-D mesh (its replica all-reduce runs before the hook).
 - Checkpoints: torch.distributed.checkpoint, the optimizer state keyed by parameter name and
-  split like its parameter (layouts/checkpoint.py), so a run saved on W ranks resumes on W'.
+  split like its parameter (optim/checkpoint/), so a run saved on W ranks resumes on W'.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from galore_ds.core import projector as pj
-from galore_ds.layouts.checkpoint import dcp_load, dcp_state_dict
+from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict
 from galore_ds.layouts.comm import COMM
 from galore_ds.train.engines.base import Engine, StepResult
 from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step

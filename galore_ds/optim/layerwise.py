@@ -99,9 +99,9 @@ from galore_ds.core.groups import refresh_due
 from galore_ds.core.update import Item, clip_coefficient
 from galore_ds.layouts.comm import COMM, all_reduce_packed, group_rank_size
 from galore_ds.layouts.base import local_tensor
-from galore_ds.layouts.entry import Entry
+from galore_ds.optim.entry import Entry
 from galore_ds.layouts.dtensor import is_dtensor
-from galore_ds.layouts.optimizer import GaLoreOptimizer, grad_mark, marks_differ
+from galore_ds.optim.step import GaLoreOptimizer, grad_mark, marks_differ
 
 CLIP_TIMINGS = ("exact", "delayed")
 

@@ -32,7 +32,7 @@ from galore_ds.layouts.comm import (
     share_from_owners,
     svd_cost,
 )
-from galore_ds.layouts.entry import Entry
+from galore_ds.optim.entry import Entry
 
 # compute(entry, full_gradient) -> basis rows or None (non-finite gradient, failed SVD)
 Compute = Callable[[Entry, torch.Tensor], "torch.Tensor | None"]

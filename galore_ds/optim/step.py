@@ -4,7 +4,7 @@ A step reads how each parameter is laid out (layouts/base.py: plain tensor, DTen
 placements, a DeepSpeed ZeRO piece) and runs the same phases everywhere:
 
   1. collect   one Entry per parameter with a gradient: its layout, state and local views
-  2. refresh   the due projectors (layouts/refresh.py: local, owner, or distributed subspace
+  2. refresh   the due projectors (optim/refresh.py: local, owner, or distributed subspace
                iteration; the same basis the single-process optimizer computes)
   3. project   R = the gradient in the rule's coordinates (GaLore: projected; other
                parameters: the full gradient), completed where the layout leaves partial
@@ -60,8 +60,8 @@ from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
 from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
-from galore_ds.layouts.entry import Entry
-from galore_ds.layouts.refresh import refresh as refresh_entries
+from galore_ds.optim.entry import Entry
+from galore_ds.optim.refresh import refresh as refresh_entries
 from galore_ds.layouts.zero import ZeroBinding
 
 CLIP_TIMINGS = ("exact", "delayed")
@@ -164,7 +164,7 @@ class GaLoreOptimizer(Optimizer):
         self.overflow = False                 # the last step was dropped (DeepSpeed reads this)
         self.zero: ZeroBinding | None = None  # set by galore_ds.integrations.deepspeed
         self.replica_group: Any = None        # ZeRO-0 / DDP: whole tensors, identical on these ranks
-        self.lowrank = None                   # a DDP comm hook's LowRankReduction (layouts/replicated.py)
+        self.lowrank = None                   # a DDP comm hook's LowRankReduction (optim/lowrank_ddp.py)
         self._layouts: dict[int, tuple[weakref.ref, Layout]] = {}
         self._param_ids: tuple[int, ...] = ()  # the groups' parameters when the caches were filled
         self._index: dict[int, int] = {}
@@ -222,7 +222,7 @@ class GaLoreOptimizer(Optimizer):
     def _split_state_as_dtensors(self, state: dict[int, dict[str, Any]]) -> None:
         """state_dict's per-parameter form (see state_dict): contiguous projectors; under a
         process group, DTensor blocks for DTensor parameters and 8-bit moments as fp32 values."""
-        from galore_ds.layouts.checkpoint import EIGHT_BIT_KEYS, dense_8bit, dtensor_block
+        from galore_ds.optim.checkpoint import EIGHT_BIT_KEYS, dense_8bit, dtensor_block
 
         distributed = dist.is_available() and dist.is_initialized()
         index = 0   # torch's state_dict numbers parameters in group order
@@ -256,7 +256,7 @@ class GaLoreOptimizer(Optimizer):
           (moved to the parameter's device only), projectors in their stored layout, and
           GaLoreAdamW8bit's fp32 moments (state_dict under FSDP2) quantized back;
         - `next_clip_coef` (delayed clipping) comes from the param groups (or `galore`)."""
-        from galore_ds.layouts.checkpoint import ADAM_KEYS, eight_bit_exact_form
+        from galore_ds.optim.checkpoint import ADAM_KEYS, eight_bit_exact_form
 
         saved = state_dict["state"]
         saved_groups = state_dict["param_groups"]
@@ -311,7 +311,7 @@ class GaLoreOptimizer(Optimizer):
                     f"saved on ranks {value.device_mesh.mesh.tolist()}, this parameter is split over "
                     f"{p.device_mesh.mesh.tolist()}: a per-rank state_dict() resumes on the same world size "
                     "only; to change it save with torch's get_optimizer_state_dict + DCP (or "
-                    "galore_ds.layouts.checkpoint.dcp_state_dict / dcp_load)")
+                    "galore_ds.optim.checkpoint.dcp_state_dict / dcp_load)")
 
     # ------------------------------------------------------------------ layouts
     def layout_of(self, p: torch.Tensor) -> Layout:
@@ -332,7 +332,7 @@ class GaLoreOptimizer(Optimizer):
         return lay
 
     def attach_lowrank_reduction(self, reduction) -> None:
-        """A DDP comm hook averages the projected gradients (layouts/replicated.py)."""
+        """A DDP comm hook averages the projected gradients (optim/lowrank_ddp.py)."""
         self.lowrank = reduction
         self.forget_layouts()
 
@@ -380,7 +380,7 @@ class GaLoreOptimizer(Optimizer):
         called on the model, most often): that call clips each rank by the norm of its own
         gradient, not of the average the optimizer steps with.
         - DDP + lowrank_comm_hook: the hook averaged only the GaLore matrices' projections and
-          noted the norm of each gradient it read (layouts/replicated.py); a p.grad whose norm
+          noted the norm of each gradient it read (optim/lowrank_ddp.py); a p.grad whose norm
           differs now was scaled (a coefficient within 1e-6 of 1 passes: its effect is below
           fp32 rounding). A call that scales nothing changes nothing, and the run is plain
           DDP's: whenever plain DDP would clip, some rank clips here.

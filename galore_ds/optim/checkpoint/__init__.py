@@ -39,7 +39,7 @@ import torch
 from galore_ds.core import projector as pj
 from galore_ds.core.adamw8bit import BLOCKSIZE, bnb_functional, init_moments, qmap
 from galore_ds.layouts.base import local_tensor
-from galore_ds.layouts.entry import Entry
+from galore_ds.optim.entry import Entry
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 #: GaLoreAdamW8bit's form of each Adam moment: (codes or fp32 key, absmax key, signed map)

@@ -4,7 +4,7 @@ Between refreshes a GaLore matrix's update depends on its gradient only through 
 (right; P^T G left), and the projector is the same on every rank, so the average of the
 ranks' R equals the projection of the averaged G: averaging R (m x r) instead of G (m x n)
 loses nothing, needs no error feedback (unlike PowerSGD) and sends n/r less. A refresh needs
-no full gradient either (layouts/refresh.py): the randomized refresh's Gram products are two
+no full gradient either (optim/refresh.py): the randomized refresh's Gram products are two
 low-rank all-reduces per round; an exact SVD goes to an owner rank, which receives the summed
 gradient alone (one reduce_scatter) and shares the basis.
 
@@ -27,7 +27,7 @@ Two ways to use it:
   is plain DDP's.
 - per-layer (galore_ds.LayerwiseOptimizer on an optimizer built with reduce_group=group):
   no DDP wrapper; every hook projects its matrix and frees the full gradient, and R is
-  averaged in buckets launched asynchronously while backward goes on (layouts/layerwise.py).
+  averaged in buckets launched asynchronously while backward goes on (optim/layerwise.py).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from galore_ds.layouts.comm import COMM, group_rank_size
-from galore_ds.layouts.optimizer import grad_mark
+from galore_ds.optim.step import GaLoreOptimizer, grad_mark
 
 
 @dataclass
@@ -62,9 +62,7 @@ class LowRankHookState:
     (torch.bfloat16 halves the bytes: the sum over ranks is rounded to bf16, as DDP's
     bf16_compress_hook does; averaged in fp32)."""
 
-    def __init__(self, optimizer, process_group: Any = None, reduce_dtype: torch.dtype = torch.float32) -> None:
-        from galore_ds.layouts.optimizer import GaLoreOptimizer
-
+    def __init__(self, optimizer: GaLoreOptimizer, process_group: Any = None, reduce_dtype: torch.dtype = torch.float32) -> None:
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError(f"lowrank_comm_hook needs a galore_ds optimizer, got {type(optimizer).__name__}")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
