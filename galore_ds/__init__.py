@@ -13,8 +13,8 @@ from galore_ds.core.groups import param_groups
 from galore_ds.optim.layerwise import LayerwiseOptimizer
 from galore_ds.optim.step import GaLoreOptimizer
 from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
-from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __version__ = "0.2.0"
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "GaLoreOptimizer",
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "FiraAdamW", "ApolloAdamW", "GaLoreOptimizer",
            "LayerwiseOptimizer", "LowRankHookState", "lowrank_comm_hook", "param_groups"]

@@ -385,8 +385,6 @@ def test_8bit_moments_given_as_fp32_values_quantize_back_to_the_same_state():
     back to 8-bit codes that dequantize to exactly those values when the loading rank's blocks
     are the saver's, including blocks whose largest value is negative (the signed map has no
     -1, so quantizing the values again would not give the saved codes back)."""
-    from galore_ds.optim.checkpoint import EIGHT_BIT, dense_8bit, eight_bit_exact_form
-
     model = tiny_llama()
     opt = _make("adamw8bit", model)
     for step in range(4):
@@ -395,11 +393,11 @@ def test_8bit_moments_given_as_fp32_values_quantize_back_to_the_same_state():
     for state in opt.state.values():
         if state.get("state1") is None or state["state1"].dtype != torch.uint8:
             continue
-        dense = dense_8bit(state)
+        dense = opt.rule.to_values(state)
         group = next(g for g in opt.param_groups if "rank" in g)
-        back = eight_bit_exact_form(dense, group, tuple(dense["exp_avg"].shape), dense["exp_avg"].device)
-        again = dense_8bit(back)
-        for key in EIGHT_BIT:
+        back = opt.rule.from_values(dense, group, tuple(dense["exp_avg"].shape), dense["exp_avg"].device, exact=True)
+        again = opt.rule.to_values(back)
+        for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(again[key], dense[key]), key
         flat = dense["exp_avg"].reshape(-1)
         blocks = flat[: flat.numel() // 256 * 256].view(-1, 256)

@@ -90,6 +90,8 @@ class AdafactorRule:
     moment_policies = MOMENT_POLICIES
     whole_rows = True    # RMS and the factored second moment span whole rows and columns
     quantized = False
+    needs_full_grad = False
+    projections = ("svd",)
 
     @staticmethod
     def state_shapes(grad_shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ any block of the moments a rank holds.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -21,29 +22,44 @@ class AdamWRule:
     moment_policies = MOMENT_POLICIES
     whole_rows = False
     quantized = False
+    needs_full_grad = False
+    projections = ("svd",)
     state_shapes = staticmethod(adam_state_shapes)
 
     def __init__(self) -> None:
         self.scratch = Scratch()
 
     def update(self, items: list[Item], reduce=None) -> None:
-        """Batches of one param group, bounded so the foreach temporaries never exceed ~3 x 64
-        MiB (a whole 7B model's low-rank tensors at once would be tens of GiB)."""
+        for batch in self.batches(items):
+            self._adam(batch)
+
+    def _adam(self, items: list[Item]) -> None:
+        """AdamW for items of one param group."""
+        group = items[0].group
+        for item, normed, step_size in self.directions(items):
+            apply_update(item, normed, -step_size)
+            decay_weight(item, group["lr"], group["weight_decay"])
+
+    @staticmethod
+    def batches(items: list[Item]) -> Iterator[list[Item]]:
+        """Items of one param group at a time, bounded so the foreach temporaries never exceed
+        ~3 x 64 MiB (a whole 7B model's low-rank tensors at once would be tens of GiB)."""
         pending: dict[int, tuple[list[Item], int]] = {}
         for item in items:
             batch, size = pending.get(id(item.group), ([], 0))
             numel = item.grad.numel()
             if batch and size + numel > MAX_NUMEL:
-                self._adam(batch)
+                yield batch
                 batch, size = [], 0
             batch.append(item)
             pending[id(item.group)] = (batch, size + numel)
         for batch, _ in pending.values():
-            self._adam(batch)
+            yield batch
 
-    def _adam(self, items: list[Item]) -> None:
-        """AdamW for items of one param group, moments updated with foreach kernels (one C++
-        loop instead of a Python loop of small kernels; same arithmetic)."""
+    def directions(self, items: list[Item]) -> Iterator[tuple[Item, torch.Tensor, float]]:
+        """Adam's moments of items of one param group, updated with foreach kernels (one C++
+        loop instead of a Python loop of small kernels; same arithmetic); yields each item with
+        its direction m / (sqrt(v) + eps), in a buffer the next call reuses, and step size."""
         group = items[0].group
         beta1, beta2 = group["betas"]
         grads = [item.grad for item in items]
@@ -69,8 +85,7 @@ class AdamWRule:
             if group["correct_bias"]:
                 # galore-torch's evaluation order, so signs="lapack" runs are bit-identical
                 step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-            apply_update(item, normed, -step_size)
-            decay_weight(item, group["lr"], group["weight_decay"])
+            yield item, normed, step_size
 
     @staticmethod
     def init_state(item: Item) -> None:

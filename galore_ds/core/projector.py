@@ -32,6 +32,8 @@ largest-magnitude entry positive. signs="lapack" keeps LAPACK's signs (galore-to
 """
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Callable, Generator, Literal
 
 import torch
@@ -173,6 +175,59 @@ def refresh_generator(seed: int, step: int, index: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step * 10_007 + index) % (2**63 - 1))
     return g
+
+
+# --------------------------------------------------------------------- random projection
+# APOLLO projects with a Gaussian matrix, N(0, 1/r), drawn anew at every refresh. It is a pure
+# function of (seeds, parameter index, refresh index), and the refresh index a pure function of
+# the matrix's step count (`refresh_index`): every rank, and a run resumed on any world size,
+# draws the same matrix without anything random in its state. The process RNG is never used.
+PROJ_SEEDS = ("hashed", "apollo")
+_APOLLO_SEEDS: dict[int, list[int]] = {}   # apollo-torch's seed chains, by first seed (a memo)
+
+
+def refresh_index(step: int, offset: int, gap: int) -> int:
+    """How many refreshes came before the one whose projector is current at `step`, on
+    groups.refresh_due's schedule (step 0, then every `gap` steps from `offset`)."""
+    first = offset if offset >= 1 else gap
+    return 0 if step < first else (step - first) // gap + 1
+
+
+def apollo_next_seed(seed: int) -> int:
+    """apollo-torch 1.0.3's next_seed: the last of 15 integers drawn by a CPU generator seeded
+    with `seed` (its seed advances so at every refresh)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen).tolist()[-1]
+
+
+def projection_seed(seeds: str, seed: int, index: int, refresh: int) -> int:
+    """The generator seed of a parameter's random projector at its `refresh`-th refresh.
+
+    hashed: a hash of (seed, index, refresh). apollo: apollo-torch's sequence, the 1-based
+    parameter index over the param groups advanced by `apollo_next_seed` once per refresh (a
+    chain, memoized so a long run does not replay it at every refresh)."""
+    if seeds == "apollo":
+        chain = _APOLLO_SEEDS.setdefault(index + 1, [index + 1])
+        while len(chain) <= refresh:
+            chain.append(apollo_next_seed(chain[-1]))
+        return chain[refresh]
+    if seeds != "hashed":
+        raise ValueError(f"proj_seeds={seeds!r}: expected one of {PROJ_SEEDS}")
+    digest = hashlib.blake2b(f"{seed}:{index}:{refresh}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def gaussian_basis(dim: int, rank: int, side: Side, seed: int, device: torch.device | str,
+                   on_device: bool = False) -> torch.Tensor:
+    """APOLLO's random projector as basis rows (rank, dim): N(0, 1) / sqrt(rank), drawn in the
+    stored layout as apollo-torch draws it (Q (rank, n) right, P (m, rank) left) by a generator
+    seeded with `seed`: on the CPU (the same numbers on every device), or on `device` when
+    `on_device` (apollo-torch's choice: its matrices differ between a CPU and a GPU run)."""
+    where = torch.device(device) if on_device else torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(seed)
+    shape = (rank, dim) if side == "right" else (dim, rank)
+    proj = torch.randn(shape, generator=gen, device=where) / math.sqrt(rank)
+    return proj_to_basis(proj.to(device), side)
 
 
 # --------------------------------------------------------------------- randomized refresh

@@ -54,9 +54,61 @@ GROUP_KEYS = ("update_proj_gap", "scale", "proj_type")
 OPTION_KEYS = ("refresh", "signs", "moments", "stagger", "oversample", "power_iters", "first_power_iters", "seed")
 
 
-def defaults_of(keys: tuple[str, ...]) -> dict[str, Any]:
-    """{key: default} for `keys`, from DEFAULTS."""
-    return {k: getattr(DEFAULTS, k) for k in keys}
+def defaults_of(keys: tuple[str, ...], settings: Any = None) -> dict[str, Any]:
+    """{key: default} for `keys`, from DEFAULTS (or `settings`: FAMILY)."""
+    return {k: getattr(DEFAULTS if settings is None else settings, k) for k in keys}
 
 
-__all__ = ["GaLoreSettings", "DEFAULTS", "FIELDS", "GROUP_KEYS", "OPTION_KEYS", "MOMENT_POLICIES", "defaults_of"]
+@dataclass(frozen=True)
+class FamilySettings:
+    """The options of GaLore's successors at its memory, with the defaults of their reference
+    packages (fira 1.0.2, apollo-torch 1.0.3): keywords of FiraAdamW and ApolloAdamW (any group
+    may override them). docs/family.md says what each does and where it departs from the
+    references."""
+
+    # gamma of Fira's norm-growth limiter (APOLLO uses it too): a matrix's scaled term may grow
+    # by at most this factor per step; None turns it off (apollo-torch's disable_nl)
+    norm_growth_limit: float | None = 1.01
+    # Fira: exact (the paper's residual G - P P^T G) | scaled (fira 1.0.2's G - scale * P P^T G)
+    residual: str = "exact"
+    # APOLLO: random (a seeded Gaussian projection, the paper's) | svd (GaLore's subspace)
+    proj: str = "random"
+    # APOLLO: channel (one factor per row or column) | tensor (one per matrix: APOLLO-Mini)
+    scale_type: str = "channel"
+    # APOLLO's `scale`: its update is multiplied by sqrt(scale) (apollo-torch's meaning; 128 for
+    # APOLLO-Mini). GaLore's and Fira's `scale` multiplies the update itself (DEFAULTS.scale).
+    apollo_scale: float = 1.0
+    # random projections: hashed (generator seeded by (seed, parameter index, refresh index), drawn
+    # on the CPU: the same on every device) | apollo (apollo-torch's seeds: the 1-based parameter
+    # index, advanced at each refresh, drawn on the gradient's device as it does)
+    proj_seeds: str = "hashed"
+
+
+FAMILY = FamilySettings()
+FIRA_KEYS = ("norm_growth_limit", "residual")
+APOLLO_KEYS = ("norm_growth_limit", "proj", "scale_type", "proj_seeds")
+# the family's options that name a choice, with the choices
+FAMILY_CHOICES: dict[str, tuple[str, ...]] = {
+    "residual": ("exact", "scaled"),
+    "proj": ("random", "svd"),
+    "scale_type": ("channel", "tensor"),
+    "proj_seeds": ("hashed", "apollo"),
+}
+
+
+def check_family_options(group: dict[str, Any], projections: tuple[str, ...]) -> None:
+    """Refuse a GaLore group's bad family option, naming the key: a choice outside its list, a
+    `proj` the optimizer's rule cannot use (its `projections`), a limit below 1."""
+    for key, choices in FAMILY_CHOICES.items():
+        if key in group and group[key] not in choices:
+            raise ValueError(f"param group {key}={group[key]!r}: expected one of {choices}")
+    if group.get("proj", projections[0]) not in projections:
+        raise ValueError(f"param group proj={group['proj']!r}: this optimizer projects with {tuple(projections)}")
+    limit = group.get("norm_growth_limit")
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 1.0):
+        raise ValueError(f"param group norm_growth_limit={limit!r}: must be a number >= 1 (Fira's 1.01), "
+                         "or None to turn the limiter off")
+
+
+__all__ = ["GaLoreSettings", "DEFAULTS", "FIELDS", "GROUP_KEYS", "OPTION_KEYS", "MOMENT_POLICIES", "defaults_of",
+           "FamilySettings", "FAMILY", "FIRA_KEYS", "APOLLO_KEYS", "FAMILY_CHOICES", "check_family_options"]

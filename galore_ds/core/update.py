@@ -12,6 +12,7 @@ ranks (galore_ds/layouts) decides what an Item holds:
          column block (left)
   split  how `grad` is split across ranks, for rules whose statistics span the whole tensor
          (Adafactor): see `Split`
+  full_grad  the full gradient block matching `param`, for rules that need it (Fira, APOLLO)
 """
 from __future__ import annotations
 
@@ -59,10 +60,19 @@ class Item:
     split: Split = field(default_factory=Split)
     param_sq: Callable[[], torch.Tensor] | None = None  # sum of squares of this rank's own param elements
     param_numel: int = 0               # elements of the whole parameter
+    # the full gradient block matching `param`, for rules that declare `needs_full_grad`
+    # (Fira's residual, APOLLO's channel scaling); None for the others
+    full_grad: torch.Tensor | None = None
 
     @property
     def side(self) -> pj.Side:
         return "right" if self.right else "left"
+
+    def scale_(self, coef: float) -> None:
+        """Clip: scale every gradient the rule consumes (R, and the full block if it has one)."""
+        self.grad.mul_(coef)
+        if self.full_grad is not None:
+            self.full_grad.mul_(coef)
 
 
 def apply_update(item: Item, update: torch.Tensor, alpha: float) -> None:

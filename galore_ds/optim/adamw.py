@@ -18,6 +18,8 @@ class GaLoreAdamW(GaLoreOptimizer):
     group; `max_grad_norm` and `reduce_group`: see GaLoreOptimizer.
     """
 
+    rule_type: type = AdamWRule   # FiraAdamW and ApolloAdamW: AdamW's arguments, their own rule
+
     def __init__(
         self,
         params: Iterable,
@@ -37,7 +39,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         **galore_options: Any,
     ) -> None:
         check_adam_hyperparameters(lr, betas, eps)
-        self.rule = AdamWRule()
+        self.rule = self.rule_type()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, **galore_options)
         super().__init__(params, defaults, rank=rank, update_proj_gap=update_proj_gap, scale=scale,

@@ -87,7 +87,6 @@ with `max_grad_norm`) is refused the same way.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -96,12 +95,12 @@ import torch
 import torch.distributed as dist
 
 from galore_ds.core.groups import refresh_due
-from galore_ds.core.update import Item, clip_coefficient
-from galore_ds.layouts.comm import COMM, all_reduce_packed, group_rank_size
+from galore_ds.core.update import Item
+from galore_ds.layouts.comm import COMM, group_rank_size
 from galore_ds.layouts.base import local_tensor
 from galore_ds.optim.entry import Entry
 from galore_ds.layouts.dtensor import is_dtensor
-from galore_ds.optim.step import GaLoreOptimizer, grad_mark, marks_differ
+from galore_ds.optim.step import GaLoreOptimizer, grad_mark, marks_differ, norm_from_squares, norm_key
 
 CLIP_TIMINGS = ("exact", "delayed")
 
@@ -124,7 +123,9 @@ class LayerwiseOptimizer:
         accumulation_steps: micro-batches per optimizer step (k >= 1). Divide each
             micro-batch loss by `loss_divisor` (k; 1 with accum_dtype=float64).
         max_grad_norm: clip threshold (None: the optimizer's max_grad_norm and clip_timing,
-            if it was built with them; else no clipping).
+            if it was built with them; else no clipping). Given here, it is set on the
+            optimizer: the clipping state (threshold, timing, carried coefficient, norm,
+            skipped steps) is the optimizer's, one copy, read and written by its phases.
         clip_timing: "exact" (this step's norm: updates wait for the end of backward) |
             "delayed" (the previous step's norm; at k == 1 the updates stay inside the hooks).
         lr_scheduler: stepped once per optimizer step.
@@ -168,30 +169,24 @@ class LayerwiseOptimizer:
                              "(bfloat16 with accum_dtype=float32)")
         if optimizer.zero is not None:
             raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
-        if optimizer.max_grad_norm is not None:
-            # the optimizer's own step never runs under the wrapper, so its clipping would be
-            # dropped without a word: the wrapper clips with it (given its own too, they must agree)
-            if max_grad_norm is None:
-                max_grad_norm, clip_timing = optimizer.max_grad_norm, optimizer.clip_timing
-            elif (max_grad_norm, clip_timing) != (optimizer.max_grad_norm, optimizer.clip_timing):
+        if max_grad_norm is not None:
+            # one clipping state, the optimizer's: given here, it must agree with the
+            # optimizer's own (if it has one), and becomes it
+            if optimizer.max_grad_norm is not None and (
+                    (max_grad_norm, clip_timing) != (optimizer.max_grad_norm, optimizer.clip_timing)):
                 raise ValueError(
                     f"LayerwiseOptimizer(max_grad_norm={max_grad_norm!r}, clip_timing={clip_timing!r}) and its "
                     f"optimizer's max_grad_norm={optimizer.max_grad_norm!r}, clip_timing={optimizer.clip_timing!r} "
-                    "differ: the wrapper clips (the optimizer's step never runs); set them on one of the two")
+                    "differ: set them on one of the two")
+            optimizer.max_grad_norm, optimizer.clip_timing = max_grad_norm, clip_timing
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
-        self.max_grad_norm = max_grad_norm
         self.lr_scheduler = lr_scheduler
         self.accum_dtype = accum_dtype
         self.reduce_dtype = reduce_dtype
-        self.clip_timing = clip_timing
-        self._next_coef = 1.0  # delayed clipping: the coefficient from the previous step's norm
 
         self.micro_step = 0      # micro-batches done in the current window
         self.global_step = 0     # optimizer steps done
-        self.grad_norm: float | None = None
-        self.clip_coef: float = 1.0
-        self.skipped_steps = 0             # deferred mode: whole steps dropped (NaN/Inf norm)
         self.nonfinite_params_skipped = 0  # immediate mode: single updates dropped
 
         self._meta: dict[torch.Tensor, _Meta] = {}
@@ -245,6 +240,38 @@ class LayerwiseOptimizer:
         if late:
             self.optimizer.forget_layouts()  # replicated owners are assigned over all matrices
 
+    # The clipping state is the optimizer's (GaLoreOptimizer.clip_for): these read it.
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.optimizer.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        self.optimizer.max_grad_norm = value
+
+    @property
+    def clip_timing(self) -> str:
+        return self.optimizer.clip_timing
+
+    @clip_timing.setter
+    def clip_timing(self, value: str) -> None:
+        self.optimizer.clip_timing = value
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last window's global norm of what the optimizer consumed, before clipping."""
+        return self.optimizer.grad_norm
+
+    @property
+    def clip_coef(self) -> float:
+        """The coefficient the last window's updates were scaled by."""
+        return self.optimizer.clip_coef
+
+    @property
+    def skipped_steps(self) -> int:
+        """Whole steps dropped for a NaN/Inf norm (deferred mode)."""
+        return self.optimizer.skipped_steps
+
     @property
     def deferred(self) -> bool:
         """Exact clipping needs the step's norm before any update, so updates wait for step();
@@ -283,22 +310,17 @@ class LayerwiseOptimizer:
                 if id(p) not in finished and (p in self._acc or p.grad is not None):
                     self._finish(self._entry(p), defer=True)
             self._drain()
-            self.grad_norm = self._window_norm()
-            finite = math.isfinite(self.grad_norm)
-            if self.deferred and not finite:
+            # the optimizer's own phases: norm -> clip coefficient (or skip) -> apply
+            coef = opt.clip_for(self._window_norm())
+            if coef is None and self.deferred:
                 self._skip_window()
                 return True
-            coef = clip_coefficient(self.grad_norm, self.max_grad_norm)
-            if self.max_grad_norm is not None and self.clip_timing == "delayed":
-                # the previous step's coefficient (applied in the hooks, or here when the
-                # updates were deferred by accumulation); this step's is carried to the next
-                self.clip_coef = self._next_coef
-                if finite:
-                    self._next_coef = coef
-            else:
-                self.clip_coef = coef
-            if self._ready:
-                self._apply([item for _, item in self._ready], [e for e, _ in self._ready], self.clip_coef)
+            if coef is None:
+                # immediate mode: the finite parameters were updated in their hooks with the
+                # carried coefficient; the non-finite ones were dropped (nonfinite_params_skipped)
+                opt.clip_coef = opt.immediate_clip_coef()
+            elif self._ready:
+                self._apply([item for _, item in self._ready], [e for e, _ in self._ready], coef)
             self._ready = []
             self._undo = {}
         self.global_step += 1
@@ -331,30 +353,20 @@ class LayerwiseOptimizer:
                     "it or torch.nn.utils.clip_grad_norm_): the hooks already counted it; clip with "
                     "LayerwiseOptimizer(max_grad_norm=...) and average with reduce_group=torch.distributed.group.WORLD")
 
-    def _immediate_coef(self) -> float:
-        """Clip coefficient of an update that runs inside its hook (delayed clipping, or none)."""
-        return self._next_coef if self.max_grad_norm is not None else 1.0
-
     def _window_norm(self) -> float:
-        """The window's global norm: ONE scalar all-reduce per group of sharded parameters."""
-        local = self._sq.pop(0, torch.zeros(()))
-        requests = [(self._sq.get(key, torch.zeros(())).reshape(1).float(), g)
-                    for key, g in self._norm_groups.items()]
-        self._sq = {}
-        total = float(local)
-        if requests:
-            total += float(sum(s.sum() for s in all_reduce_packed(requests, name="grad_norm")))
-        return math.sqrt(total)
+        """The window's global norm, summed over the hooks as they ran: ONE scalar all-reduce
+        per group of sharded parameters (the optimizer's norm_from_squares)."""
+        sq, self._sq = self._sq, {}
+        return norm_from_squares(sq, self._norm_groups)
 
     def _skip_window(self) -> None:
         """A NaN/Inf gradient norm: drop the whole step. Weights, moments, projectors, step
         counts and the lr schedule stay as they were (refreshes of this window undone)."""
-        GaLoreOptimizer.restore(self._undo)
+        self.optimizer.skip(self._undo)
         self._undo = {}
         for e, _ in self._ready:
             e.param.grad = None
         self._ready = []
-        self.skipped_steps += 1
 
     def zero_grad(self) -> None:
         """Drop a partial window (accumulators and partial gradients)."""
@@ -383,8 +395,7 @@ class LayerwiseOptimizer:
         lw: dict[str, Any] = {
             "micro_step": self.micro_step,
             "global_step": self.global_step,
-            "skipped_steps": self.skipped_steps,
-            "next_clip_coef": self._next_coef,
+            "skipped_steps": self.skipped_steps,   # the optimizer's counter (not in its state dict)
             "accumulation_steps": self.accumulation_steps,
             "acc": {self._meta[p].index: t for p, t in self._acc.items()},
             "grads": {self._meta[p].index: p.grad for p in self._params if p.grad is not None},
@@ -412,8 +423,9 @@ class LayerwiseOptimizer:
         by_index = {self._meta[p].index: p for p in self._params}
         self.micro_step = int(lw["micro_step"])
         self.global_step = int(lw["global_step"])
-        self.skipped_steps = int(lw.get("skipped_steps", 0))
-        self._next_coef = float(lw.get("next_clip_coef", 1.0))
+        self.optimizer.skipped_steps = int(lw.get("skipped_steps", 0))
+        if "next_clip_coef" in lw:  # written by versions whose wrapper kept its own copy
+            self.optimizer.next_clip_coef = float(lw["next_clip_coef"])
         self._acc = {}
         for i, t in lw.get("acc", {}).items():
             p = by_index[int(i)]
@@ -438,7 +450,7 @@ class LayerwiseOptimizer:
         """Add this item's counted squared norm to the window's sums; returns it (non-finite
         iff its gradient holds a NaN/Inf)."""
         sq = self.optimizer.owned_sq(item).cpu()
-        key = 0 if item.split.group is None else id(item.split.group)
+        key = norm_key(item)
         self._sq[key] = self._sq.get(key, torch.zeros(())) + sq
         return sq
 
@@ -568,7 +580,7 @@ class LayerwiseOptimizer:
             self._ready.append((e, item))
         elif bool(torch.isfinite(sq)):
             self._undo.pop(id(e.state), None)
-            self._apply([item], [e], self._immediate_coef())
+            self._apply([item], [e], opt.immediate_clip_coef())
         elif opt.collective_update(item):
             # every rank must run this update (its statistics are all-reduced): the NaN
             # reaches every rank's sums there and the rule drops the update everywhere
@@ -591,14 +603,8 @@ class LayerwiseOptimizer:
         self.nonfinite_params_skipped += 1
 
     def _apply(self, items: list[Item], entries: list[Entry], coef: float) -> None:
-        if coef != 1.0:
-            for item in items:
-                item.grad.mul_(coef)
-        self.optimizer.update(items)
+        self.optimizer.apply(entries, items, coef)
         for e in entries:
-            if e.write_back is not None:
-                e.write_back()
-            e.state["step"] += 1
             e.param.grad = None
 
 

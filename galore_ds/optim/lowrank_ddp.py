@@ -65,6 +65,9 @@ class LowRankHookState:
     def __init__(self, optimizer: GaLoreOptimizer, process_group: Any = None, reduce_dtype: torch.dtype = torch.float32) -> None:
         if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError(f"lowrank_comm_hook needs a galore_ds optimizer, got {type(optimizer).__name__}")
+        if optimizer.rule.needs_full_grad:
+            raise ValueError(f"lowrank_comm_hook cannot carry {type(optimizer).__name__}: it reads each matrix's full "
+                             "gradient, and the hook averages only projections; use plain DDP (no comm hook)")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"reduce_dtype={reduce_dtype}: expected torch.float32 or torch.bfloat16")
         self.optimizer = optimizer

@@ -56,10 +56,13 @@ from galore_ds.core.groups import (
     refresh_offset,
 )
 from galore_ds.core.scratch import Scratch
+from galore_ds.core.rule import projection_of
+from galore_ds.core.settings import check_family_options
 from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
 from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
+from galore_ds.optim.checkpoint.places import ADAM_KEYS, as_values, dtensor_block
 from galore_ds.optim.entry import Entry
 from galore_ds.optim.refresh import refresh as refresh_entries
 from galore_ds.layouts.zero import ZeroBinding
@@ -180,7 +183,9 @@ class GaLoreOptimizer(Optimizer):
         set), plus: a GaLore group (one that sets `rank`) takes the constructor's
         update_proj_gap / scale / proj_type where it sets none, and is checked; a group that
         sets an optimizer-wide argument (max_grad_norm, clip_timing, reduce_group) is refused,
-        since one group cannot have its own global norm."""
+        since one group cannot have its own global norm. A GaLore group's Fira / APOLLO
+        options (core/settings.py: FamilySettings) are checked too, `proj` against the rule's
+        projector sources."""
         wide = [k for k in OPTIMIZER_WIDE_KEYS if k in param_group]
         if wide:
             raise ValueError(f"param group sets {wide[0]}={param_group[wide[0]]!r}: {wide[0]} is optimizer-wide, "
@@ -191,6 +196,7 @@ class GaLoreOptimizer(Optimizer):
         if "rank" in group:
             check_galore_group(group, self.rule.moment_policies, [global_shape(p) for p in group["params"]],
                                defaults=self.galore_defaults)
+            check_family_options(group, tuple(self.rule.projections))
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, in a form every checkpoint path carries whole:
@@ -222,8 +228,6 @@ class GaLoreOptimizer(Optimizer):
     def _split_state_as_dtensors(self, state: dict[int, dict[str, Any]]) -> None:
         """state_dict's per-parameter form (see state_dict): contiguous projectors; under a
         process group, DTensor blocks for DTensor parameters and 8-bit moments as fp32 values."""
-        from galore_ds.optim.checkpoint import EIGHT_BIT_KEYS, dense_8bit, dtensor_block
-
         distributed = dist.is_available() and dist.is_initialized()
         index = 0   # torch's state_dict numbers parameters in group order
         for group in self.param_groups:
@@ -237,8 +241,7 @@ class GaLoreOptimizer(Optimizer):
                       for key, value in st.items()}
                 if distributed and is_dtensor(p):
                     e = self.entry(p, p, self.layout_of(p), group, self.param_index(p), pos, len(group["params"]), None)
-                    if self.rule.quantized and "state1" in st:
-                        st = {**{k: v for k, v in st.items() if k not in EIGHT_BIT_KEYS}, **dense_8bit(st)}
+                    st = as_values(self.rule, st)
                     st = {key: dtensor_block(e, key, value) if torch.is_tensor(value) else value
                           for key, value in st.items()}
                 state[index - 1] = st
@@ -256,8 +259,6 @@ class GaLoreOptimizer(Optimizer):
           (moved to the parameter's device only), projectors in their stored layout, and
           GaLoreAdamW8bit's fp32 moments (state_dict under FSDP2) quantized back;
         - `next_clip_coef` (delayed clipping) comes from the param groups (or `galore`)."""
-        from galore_ds.optim.checkpoint import ADAM_KEYS, eight_bit_exact_form
-
         saved = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):  # (torch's loader refuses other counts)
@@ -285,7 +286,7 @@ class GaLoreOptimizer(Optimizer):
                         self.state[p][key] = pj.stored_layout(value) if key == "proj" else value
                 if dense:
                     shape = tuple(dense["exp_avg"].shape)
-                    self.state[p].update(eight_bit_exact_form(dense, group, shape, local_tensor(p).device))
+                    self.state[p].update(self.rule.from_values(dense, group, shape, local_tensor(p).device, exact=True))
 
     def _check_loadable(self, gi: int, saved_group: dict, group: dict, pid: Any, p: torch.Tensor,
                         st: dict[str, Any]) -> None:
@@ -604,28 +605,52 @@ class GaLoreOptimizer(Optimizer):
         return self.complete(entries, lows), undo
 
     def finish(self, entries: list[Entry], items: list[Item], undo: dict) -> bool:
-        """Phases 4-5 (see the module docstring). Returns False when the step was skipped."""
-        norm = self.global_norm(entries, items)
-        self.grad_norm = norm
-        if not math.isfinite(norm):
-            self.restore(undo)
-            self.skipped_steps += 1
-            self.overflow = True
+        """Phases 4-5 (see the module docstring). Returns False when the step was skipped.
+        The per-layer wrapper (optim/layerwise.py) ends its windows with the same three calls."""
+        coef = self.clip_for(self.global_norm(entries, items))
+        if coef is None:
+            self.skip(undo)
             return False
-        self.overflow = False
+        self.apply(entries, items, coef)
+        return True
+
+    # The one clipping state (max_grad_norm, clip_timing, next_clip_coef, clip_coef, grad_norm,
+    # skipped_steps, overflow) lives here; the per-layer wrapper reads and writes it through
+    # these phases, and checkpoints carry next_clip_coef in every param group.
+    def clip_for(self, norm: float) -> float | None:
+        """Phase 4 on a step's global norm: record it, and return the clip coefficient to
+        apply, or None for a NaN/Inf norm (the step is skipped and carries nothing forward).
+        Delayed timing applies the previous finite norm's coefficient and carries this one's."""
+        self.grad_norm = norm
+        self.overflow = not math.isfinite(norm)
+        if self.overflow:
+            return None
         coef = clip_coefficient(norm, self.max_grad_norm)
         if self.clip_timing == "delayed":
             coef, self.next_clip_coef = self.next_clip_coef, coef
         self.clip_coef = coef
+        return coef
+
+    def immediate_clip_coef(self) -> float:
+        """The coefficient of an update that runs before its step's norm is known (the
+        per-layer wrapper's updates inside backward: delayed clipping, or none)."""
+        return self.next_clip_coef if self.max_grad_norm is not None else 1.0
+
+    def skip(self, undo: dict) -> None:
+        """A dropped step: the state of matrices refreshed in it put back, counted."""
+        self.restore(undo)
+        self.skipped_steps += 1
+
+    def apply(self, entries: list[Entry], items: list[Item], coef: float) -> None:
+        """Phase 5: clip, the rule's update, write back, count the step."""
         if coef != 1.0:
             for item in items:
-                item.grad.mul_(coef)
+                item.scale_(coef)
         self.update(items)
         for e in entries:
             if e.write_back is not None:
                 e.write_back()
             e.state["step"] += 1
-        return True
 
     def collective_update(self, item: Item) -> bool:
         """Whether the rule's update of `item` is a collective (Adafactor's statistics of a
@@ -666,11 +691,19 @@ class GaLoreOptimizer(Optimizer):
     def compute_basis(self, e: Entry, grad: torch.Tensor) -> torch.Tensor | None:
         """New basis rows for one matrix from its whole gradient, or None when the gradient is
         non-finite or the SVD fails in fp32 and fp64 (the previous projector is kept and the
-        event counted: never crash, never corrupt)."""
+        event counted: never crash, never corrupt). A random projector (the group's `proj`,
+        APOLLO's default) needs no gradient: it is drawn from (seeds, parameter index, refresh
+        index), so every rank, and a resumed run on any world size, draws the same one."""
+        g = e.group
+        if projection_of(self.rule, g) == "random":
+            m, n = e.layout.shape
+            refresh = pj.refresh_index(e.state["step"], e.state["refresh_offset"], g["update_proj_gap"])
+            seed = pj.projection_seed(g["proj_seeds"], g["seed"], e.index, refresh)
+            return pj.gaussian_basis(n if e.side == "right" else m, g["rank"], e.side, seed, grad.device,
+                                     on_device=g["proj_seeds"] == "apollo")
         if not bool(torch.isfinite(grad).all()):
             self.galore_stats["nonfinite_refresh_skipped"] += 1
             return None
-        g = e.group
         try:
             return pj.compute_basis(
                 grad, e.side, g["rank"], g["refresh"], self.prev_basis(e), signs=g["signs"],
@@ -812,10 +845,26 @@ class GaLoreOptimizer(Optimizer):
         lay = e.layout
         split = self._galore_split(e) if e.galore else self._full_split(e, low)
         split.grad_shape = self._rule_grad_shape(e)
+        full_grad = None
+        if e.galore and self.rule.needs_full_grad:
+            # The one check of where a rule that reads the full gradient (Fira, APOLLO) runs
+            # yet: whole plain tensors, in one process or under plain DDP.
+            where = ("a DeepSpeed ZeRO partition" if lay.piece is not None
+                     else "a DTensor shard (FSDP2/HSDP)" if is_dtensor(e.param) or lay.group is not None
+                     else "reduce_group (per-rank contributions)" if lay.reduce_group is not None
+                     else "replicated across ranks (DeepSpeed ZeRO-0)" if lay.replica_group is not None
+                     else "the per-layer wrapper (it frees the full gradient)" if e.param.grad is None
+                     else None)
+            if where is not None:
+                raise RuntimeError(f"{type(self).__name__} is not yet on this layout: {where}; it reads each "
+                                   "matrix's full gradient and runs on whole plain tensors, in one process or "
+                                   "under plain DDP")
+            full_grad = e.g_local
         return Item(e.p_local, low, e.state, e.group, e.galore,
                     proj=self.proj_block(e) if e.galore else None,
                     right=e.side == "right" if e.galore else True, split=split,
-                    param_sq=lambda lay=lay, p=e.param: lay.own_sq(p), param_numel=lay.numel)
+                    param_sq=lambda lay=lay, p=e.param: lay.own_sq(p), param_numel=lay.numel,
+                    full_grad=full_grad)
 
     @staticmethod
     def _galore_split(e: Entry) -> Split:
@@ -850,25 +899,14 @@ class GaLoreOptimizer(Optimizer):
     def global_norm(self, entries: list[Entry], items: list[Item]) -> float:
         """L2 norm of every consumed gradient over all ranks: blocks split across a group are
         summed over it (one scalar all-reduce per group), whole ones counted here."""
-        groups: dict[int, Any] = {}  # every group a layout sums over joins, even with nothing held here
         layouts = [e.layout for e in entries]
         if self.zero is not None:
             layouts += [seg.layout for ft in self.zero.flats.values() for seg in ft.segments if seg.layout is not None]
-        for lay in layouts:
-            if lay.norm_group is not None:
-                groups.setdefault(id(lay.norm_group), lay.norm_group)
+        groups = norm_groups(layouts)
         views: dict[int, list[torch.Tensor]] = {0: []}
         for item in items:
-            key = 0 if item.split.group is None else id(item.split.group)
-            views.setdefault(key, []).append(self.owned(item))
-        sq = {key: _sum_of_squares(ts) for key, ts in views.items()}
-        local = sq.pop(0)
-        if groups:
-            zero = torch.zeros((), dtype=torch.float32)
-            sums = all_reduce_packed([(sq.get(key, zero).reshape(1), g) for key, g in groups.items()],
-                                     name="grad_norm")
-            local = local + sum(s.reshape(()) for s in sums)
-        return math.sqrt(float(local))
+            views.setdefault(norm_key(item), []).append(self.owned(item))
+        return norm_from_squares({key: _sum_of_squares(ts) for key, ts in views.items()}, groups)
 
     @staticmethod
     def owned(item: Item) -> torch.Tensor:
@@ -900,6 +938,33 @@ def marks_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
     so nothing is applied that a clip could have made differ."""
     now = now.to(then.device)
     return (torch.isfinite(now) & torch.isfinite(then) & ((now - then).abs() > 1e-6 * then)).any()
+
+
+def norm_groups(layouts: Iterable[Layout]) -> dict[int, Any]:
+    """Every process group some layout's norm sums over, by id: each joins every step's norm
+    reduction, even on a rank that holds nothing of it this step."""
+    groups: dict[int, Any] = {}
+    for lay in layouts:
+        if lay.norm_group is not None:
+            groups.setdefault(id(lay.norm_group), lay.norm_group)
+    return groups
+
+
+def norm_key(item: Item) -> int:
+    """Where an item's squared norm is summed: 0 (whole here) or its split group's id."""
+    return 0 if item.split.group is None else id(item.split.group)
+
+
+def norm_from_squares(sq: dict[int, torch.Tensor], groups: dict[int, Any]) -> float:
+    """The global L2 norm from squared sums by `norm_key`: the local one (key 0) plus each
+    group's, summed over its ranks in ONE packed all-reduce (one scalar per group)."""
+    total = sq.get(0, torch.zeros((), dtype=torch.float32)).reshape(())
+    if groups:
+        zero = torch.zeros((), dtype=torch.float32)
+        sums = all_reduce_packed([(sq.get(key, zero).reshape(1).float(), g) for key, g in groups.items()],
+                                 name="grad_norm")
+        total = total + sum(s.reshape(()) for s in sums)
+    return math.sqrt(float(total))
 
 
 def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:

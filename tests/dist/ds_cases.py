@@ -375,7 +375,7 @@ def other_world_size(world: int, *, stage: int) -> dict:
     batches (2 x MB rows, then 3 x MB). ZeRO 1-3: DeepSpeed 0.19.8 refuses a new data-parallel
     world size for partitioned optimizer state (its ZeRORuntimeException; at ZeRO-3 a rank that
     had no file fails on DeepSpeed's bare assert first); galore_ds's path there is
-    layouts.checkpoint.save_pieces/load_pieces (launch/train.py: tests/test_resume.py)."""
+    optim.checkpoint.save_pieces/load_pieces (launch/train.py: tests/test_resume.py)."""
     rank, root = dist.get_rank(), os.environ.get("GALORE_TEST_CKPT")
     if world not in (2, 3) or not root:
         return {"skipped": "runs as a 2-rank save and a 3-rank load with --ckpt"}

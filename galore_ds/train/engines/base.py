@@ -117,7 +117,62 @@ class Engine(ABC):
     def model(self) -> "nn.Module":
         """The (unwrapped) model, e.g. for exporting weights."""
 
-    # ------------------------------------------------------------------ shared
+    # ------------------------------------------------------------------ shared: build
+    def place_model(self, model: "nn.Module") -> "nn.Module":
+        """The whole model on this rank's device, in train mode (a meta-device model is
+        materialised there first, straight into its storage dtype)."""
+        from galore_ds.train.model import materialize
+
+        if any(p.is_meta for p in model.parameters()):
+            materialize(model, self.device, self.cfg.model.init_std, self.cfg.training.seed)
+        model = model.to(self.device)
+        model.train()
+        return model
+
+    def build_optimizer(self, model: "nn.Module", per_layer: dict[str, Any] | None = None, **layout: Any) -> None:
+        """The recipe's optimizer over `model`'s parameters (`layout` keywords, reduce_group, go
+        to the GaLore optimizers), its LR schedule, and with `per_layer` (the wrapper's keyword
+        arguments) the per-layer wrapper that runs them inside backward: the same build on
+        every engine that owns its optimizer."""
+        from galore_ds.train.engines.per_layer import layerwise_for
+        from galore_ds.train.optim import build_optimizer, build_param_groups, warmup_cosine
+
+        self.optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg, **layout)
+        self.scheduler = warmup_cosine(self.optimizer, self.cfg)
+        self.layerwise = None if per_layer is None else layerwise_for(self, self.optimizer, self.scheduler, **per_layer)
+
+    # ------------------------------------------------------------------ shared: engine.pt
+    def save_engine_file(self, directory: Path) -> None:
+        """engine.pt: whole tensors (one process, or replicas identical on every rank): the
+        model, the optimizer (inside the per-layer wrapper's state when there is one: window
+        position and accumulators with it), the scheduler and the skipped-step count."""
+        import torch
+
+        state = {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "skipped_steps": self.skipped_steps}
+        if getattr(self, "layerwise", None) is not None:
+            state["layerwise"] = self.layerwise.state_dict()
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, Path(directory) / "engine.pt")
+
+    def load_engine_file(self, directory: Path) -> None:
+        """Inverse of save_engine_file (after setup)."""
+        import torch
+
+        # mmap: a 7B checkpoint is paged in as it is copied, not held twice in memory
+        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True,
+                        mmap=torch.device(self.device).type == "cpu")
+        self.model.load_state_dict(sd["model"])
+        if getattr(self, "layerwise", None) is not None:
+            self.layerwise.load_state_dict(sd["layerwise"])   # its optimizer and scheduler too
+            self.skipped_steps = self.layerwise.skipped_steps
+        else:
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+            self.skipped_steps = int(sd.get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------ shared: steps
     def accumulate_and_step(self, micro_batches: list[dict[str, "torch.Tensor"]],
                             hold_reduction: Callable[[bool], ContextManager] | None = None) -> tuple[float, StepResult]:
         """A step-time step: backward of every micro-batch (loss / n: equal-length packed
@@ -161,13 +216,8 @@ class Engine(ABC):
         now, not the checkpoint's (train/optim.py apply_recipe; docs/resume.md)."""
         from galore_ds.train.optim import apply_recipe
 
+        # (the per-layer wrapper clips with the optimizer's clipping state: nothing else to set)
         apply_recipe(getattr(self, "basic_optimizer", self.optimizer), self.scheduler, self.cfg)
-        lw = getattr(self, "layerwise", None)
-        if lw is not None:  # the per-layer wrapper clips; the optimizer's own step never runs
-            clip = self.cfg.training.grad_clip
-            lw.max_grad_norm = clip if clip > 0 else None
-            lw.clip_timing = self.cfg.training.clip_timing
-            lw.optimizer.max_grad_norm = None
 
     def init_process_group(self) -> None:
         """The default process group (gloo on CPU, nccl on CUDA), once. Under torchrun

@@ -35,9 +35,7 @@ from torch import nn
 
 from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
 from galore_ds.train.engines.base import Engine, StepResult
-from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step
-from galore_ds.train.model import materialize
-from galore_ds.train.optim import build_optimizer, build_param_groups, warmup_cosine
+from galore_ds.train.engines.per_layer import layerwise_step
 
 
 class DDPEngine(Engine):
@@ -48,22 +46,16 @@ class DDPEngine(Engine):
 
     def setup(self, model: nn.Module) -> None:
         self.init_process_group()
-        if any(p.is_meta for p in model.parameters()):
-            materialize(model, self.device, self.cfg.model.init_std, self.cfg.training.seed)
-        self._module = model.to(self.device)
-        self._module.train()
+        self._module = self.place_model(model)
         group = dist.group.WORLD if self.world_size > 1 else None
         per_layer = self.cfg.engine.ddp.layerwise
         layout = {"reduce_group": group} if per_layer and group is not None else {}
-        self.optimizer = build_optimizer(build_param_groups(self._module, self.cfg), self.cfg, **layout)
-        self.scheduler = warmup_cosine(self.optimizer, self.cfg)
-        self.layerwise = None
-        self._ddp = None
         wire = getattr(torch, self.cfg.engine.ddp.reduce_dtype)
+        self.build_optimizer(self._module, per_layer=dict(
+            accum_dtype=torch.float64 if wire == torch.float64 else torch.float32,
+            reduce_dtype=wire if wire == torch.bfloat16 else None) if per_layer else None, **layout)
+        self._ddp = None
         if per_layer:
-            self.layerwise = layerwise_for(self, self.optimizer, self.scheduler,
-                                           accum_dtype=torch.float64 if wire == torch.float64 else torch.float32,
-                                           reduce_dtype=wire if wire == torch.bfloat16 else None)
             self.layerwise.bucket_numel = int(self.cfg.engine.ddp.bucket_mb * 2**20 // 4)
         elif group is not None:
             # find_unused_parameters: DDP then keeps its first bucket layout instead of
@@ -97,28 +89,11 @@ class DDPEngine(Engine):
 
     def save(self, directory: Path) -> None:
         """Whole tensors, identical on every rank: rank 0 writes them."""
-        if not self.is_main:
-            return
-        state = {"model": self._module.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "skipped_steps": self.skipped_steps}
-        if self.layerwise is not None:
-            state["layerwise"] = self.layerwise.state_dict()
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
-        torch.save(state, Path(directory) / "engine.pt")
+        if self.is_main:
+            self.save_engine_file(directory)
 
     def load(self, directory: Path) -> None:
-        # mmap: a 7B checkpoint is paged in as it is copied, not held twice in memory
-        sd = torch.load(Path(directory) / "engine.pt", map_location=self.device, weights_only=True,
-                        mmap=torch.device(self.device).type == "cpu")
-        self._module.load_state_dict(sd["model"])
-        if self.layerwise is not None:
-            self.layerwise.load_state_dict(sd["layerwise"])
-            self.skipped_steps = self.layerwise.skipped_steps
-        else:
-            self.optimizer.load_state_dict(sd["optimizer"])
-            self.scheduler.load_state_dict(sd["scheduler"])
-            self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.load_engine_file(directory)
 
 
 __all__ = ["DDPEngine"]

@@ -37,9 +37,9 @@ from galore_ds.core import projector as pj
 from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict
 from galore_ds.layouts.comm import COMM
 from galore_ds.train.engines.base import Engine, StepResult
-from galore_ds.train.engines.layerwise import layerwise_for, layerwise_step
+from galore_ds.train.engines.per_layer import layerwise_step
 from galore_ds.train.model import DTYPES
-from galore_ds.train.optim import build_optimizer, build_param_groups, is_galore, warmup_cosine
+from galore_ds.train.optim import build_param_groups, is_galore
 
 
 def left_projected(model: nn.Module, groups: list[dict[str, Any]]) -> set[int]:
@@ -96,10 +96,7 @@ class FSDPEngine(Engine):
         self._model = model
         self._model.train()
         layout = {"reduce_group": self.reduce_group} if self.reduce_group is not None else {}
-        self.optimizer = build_optimizer(build_param_groups(model, self.cfg), self.cfg, **layout)
-        self.scheduler = warmup_cosine(self.optimizer, self.cfg)
-        if f.layerwise:
-            self.layerwise = layerwise_for(self, self.optimizer, self.scheduler)
+        self.build_optimizer(model, per_layer={} if f.layerwise else None, **layout)
 
     @property
     def model(self) -> nn.Module:
@@ -145,8 +142,7 @@ class FSDPEngine(Engine):
             extra = {}
             if self.layerwise is not None:  # saved between steps: the window is closed
                 extra["layerwise"] = {"global_step": self.layerwise.global_step,
-                                      "skipped_steps": self.layerwise.skipped_steps,
-                                      "next_clip_coef": self.layerwise._next_coef}
+                                      "skipped_steps": self.layerwise.skipped_steps}
             torch.save({"scheduler": self.scheduler.state_dict(), "world_size": self.world_size,
                         "skipped_steps": self.skipped_steps,
                         "next_clip_coef": getattr(self.optimizer, "next_clip_coef", 1.0), **extra},
