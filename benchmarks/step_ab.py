@@ -6,7 +6,7 @@ process that imports one version of galore_ds (the commit's tree, exported with 
 this checkout) and times the steady GaLore step (no refresh) at the paper's LLaMA shapes; the
 two versions alternate A B B A ... so drift of the machine (thermal, other load) falls on both.
 
-    python benchmarks/step_ab.py [--base 28f759f] [--rounds 6] [--models 60m 350m]
+    python benchmarks/step_ab.py [--base 28f759f] [--this HEAD] [--rounds 6] [--models 60m 350m]
 
 Writes results/step_ab.json: per case the median over rounds of each version's median step
 time, and the ratio this/base (< 1: faster now).
@@ -63,6 +63,7 @@ def child(root: str, model: str, case: str, reps: int, layers: int) -> None:
 
 def export(rev: str, into: Path) -> Path:
     """The commit's tree (tracked files only) under `into`."""
+    into.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -79,6 +80,7 @@ def measure(root: Path, model: str, case: str, reps: int, layers: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="28f759f", help="the commit to compare against (default: before issue 22)")
+    ap.add_argument("--this", default=None, help="a commit to measure instead of this checkout's working tree")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--models", nargs="+", default=["60m", "350m"])
@@ -94,23 +96,25 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.case, args.reps, args.layers)
         return
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.this or "HEAD"], check=True,
                           capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "galore_ds"],
-                                check=True, capture_output=True, text=True).stdout.strip())
+    dirty = args.this is None and bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                                       "galore_ds"], check=True, capture_output=True,
+                                                      text=True).stdout.strip())
     result = {"device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
               "command": "python " + " ".join(sys.argv), "base": args.base,
               "this": head + (" + uncommitted changes" if dirty else ""), "rounds": args.rounds,
               "reps_per_round": args.reps, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
-        base = export(args.base, Path(tmp))
+        base = export(args.base, Path(tmp) / "base")
+        this = ROOT if args.this is None else export(args.this, Path(tmp) / "this")
         for model in args.models:
             layers = args.layers_60m if model == "60m" else args.layers_350m
             for case in args.cases:
                 samples = {"base": [], "this": []}
                 for r in range(args.rounds):
-                    order = [("base", base), ("this", ROOT)]
+                    order = [("base", base), ("this", this)]
                     for side, root in (order if r % 2 == 0 else order[::-1]):
                         samples[side].append(measure(root, model, case, args.reps, layers))
                 row = {"model": model, "case": case, "matrices": 7 * layers,

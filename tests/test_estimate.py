@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from galore_ds import GaLoreAdamW, GaLoreAdamW8bit, param_groups
+from galore_ds import ApolloAdamW, FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit, param_groups
 from galore_ds.train.config import ModelConfig
 from galore_ds.tools.estimate import Shape, estimate, main
 from galore_ds.train.model import build_model, num_params
@@ -29,17 +29,25 @@ def test_param_count_matches_model():
     assert Shape(**TINY, rank=16).num_params() == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("opt_name", ["galore", "galore8bit"])
+BUILD = {  # estimate's optimizer name -> how its users build it (APOLLO-Mini: rank 1 whatever the recipe's)
+    "galore": lambda m: GaLoreAdamW(param_groups(m, rank=16), lr=1e-3),
+    "galore8bit": lambda m: GaLoreAdamW8bit(param_groups(m, rank=16), lr=1e-3),
+    "fira": lambda m: FiraAdamW(param_groups(m, rank=16), lr=1e-3),
+    "apollo": lambda m: ApolloAdamW(param_groups(m, rank=16), lr=1e-3),
+    "apollo_mini": lambda m: ApolloAdamW(param_groups(m, rank=1), lr=1e-3, scale_type="tensor", scale=128),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(BUILD))
 def test_state_and_projector_bytes_are_exact(opt_name):
     shape = Shape(**TINY, rank=16, dtype="float32", seq_len=8)
     model = build_model(ModelConfig(**TINY), meta=False)
-    groups = param_groups(model, rank=16)
-    opt = (GaLoreAdamW if opt_name == "galore" else GaLoreAdamW8bit)(groups, lr=1e-3)
+    opt = BUILD[opt_name](model)
     x = torch.randint(0, 128, (1, 8))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     e = estimate(shape, opt_name)
-    moments = {"exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2"}
+    moments = {"exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2", "prev_norm"}
     assert _state_bytes(opt, moments) == e.parts["optimizer_states"]
     assert _state_bytes(opt, {"proj"}) == e.parts["projectors"]
     assert e.parts["weights"] == 4 * shape.num_params()
@@ -52,6 +60,8 @@ def test_modes_order_and_sharding():
     lw = estimate(s, "galore8bit", layerwise=True).total / 2**30
     assert gib["adamw"] > gib["adam8bit"] > gib["galore8bit"] > lw
     assert 18 < lw < 24      # paper: 22.0 GB; galore-torch README: 22.72 GB
+    mini = estimate(s, "apollo_mini", layerwise=True)   # rank 1: states ~ the full-rank parameters' moments
+    assert mini.total < lw * 2**30 and mini.parts["projectors"] < 2**30 / 10
     z3 = estimate(s, "adamw", world_size=8, zero_stage=3)
     assert z3.parts["weights"] == pytest.approx(estimate(s, "adamw").parts["weights"] / 8)
     with pytest.raises(ValueError):

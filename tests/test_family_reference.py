@@ -282,13 +282,51 @@ def test_resume_is_bit_identical(make, drop_proj):
 
 
 # ---- refusals and settings ----------------------------------------------------------------------
-def test_per_layer_wrapper_is_refused_in_one_line():
+FAMILY_MAKERS = {"fira": lambda g, **kw: galore_ds.FiraAdamW(g, lr=1e-2, weight_decay=0.1, **kw),
+                 "apollo": lambda g, **kw: galore_ds.ApolloAdamW(g, lr=LR, **kw)}
+FAMILY_GROUPS = {"fira": dict(rank=8), "apollo": APOLLO}
+
+
+@pytest.mark.parametrize("k,clip,timing", [(2, 0.05, "exact"), (1, 0.05, "delayed"), (1, None, "exact")])
+@pytest.mark.parametrize("rule", ["fira", "apollo"])
+def test_per_layer_wrapper_equals_the_plain_step(rule, k, clip, timing):
+    """LayerwiseOptimizer on these rules (they read the full gradient: autograd sums it over an
+    accumulation window) equals the plain optimizer on the window's whole batch, over
+    refreshes, with exact clipping (updates at the window's end), delayed clipping and none
+    (updates inside the hooks, full gradients freed), within 1e-5; the clip norm is the full
+    gradient's, what these rules consume."""
+    make, galore = FAMILY_MAKERS[rule], FAMILY_GROUPS[rule]
+    ref_model = tiny_llama()
+    model = copy.deepcopy(ref_model)
+    ref = make(groups(ref_model, **galore), max_grad_norm=clip, clip_timing=timing)
+    lw = galore_ds.LayerwiseOptimizer(make(groups(model, **galore), max_grad_norm=clip, clip_timing=timing),
+                                      accumulation_steps=k)
+    for step in range(STEPS):
+        x = torch.randint(0, 96, (2 * k, 8), generator=torch.Generator().manual_seed(step))
+        ref.zero_grad(set_to_none=True)
+        ref_model(input_ids=x, labels=x).loss.backward()
+        ref.step()
+        for i in range(k):
+            (model(input_ids=x[2 * i:2 * i + 2], labels=x[2 * i:2 * i + 2]).loss / k).backward()
+            lw.step()
+        assert all(p.grad is None for p in model.parameters()), "a full gradient outlived its window"
+        diff = max_rel_diff(ref_model, model)
+        assert diff <= 1e-5, f"step {step}: {diff:.2e}"
+        assert lw.grad_norm == pytest.approx(ref.grad_norm, rel=1e-5)
+    if clip is not None:
+        assert ref.clip_coef < 1.0   # clipping was active
+
+
+def test_clip_norm_is_the_full_gradients_for_rules_that_read_it():
+    """What the optimizer consumes: for Fira and APOLLO the full gradient, so grad_norm equals
+    torch's clip_grad_norm_ over the same gradients (GaLore's is the norm of R)."""
     model = tiny_llama()
-    opt = galore_ds.LayerwiseOptimizer(galore_ds.FiraAdamW(groups(model, rank=8), lr=1e-2))
+    opt = galore_ds.ApolloAdamW(groups(model, **APOLLO), lr=LR, max_grad_norm=1e9)
     x = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(RuntimeError, match=r"^FiraAdamW is not yet on this layout: the per-layer wrapper"):
-        model(input_ids=x, labels=x).loss.backward()
-    opt.remove()
+    model(input_ids=x, labels=x).loss.backward()
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    opt.step()
+    assert opt.grad_norm == pytest.approx(expected, rel=1e-5)
 
 
 def test_lowrank_comm_hook_is_refused_naming_plain_ddp():

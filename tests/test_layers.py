@@ -74,6 +74,32 @@ def test_layouts_know_a_rule_by_its_declarations_not_its_class():
                 sides = [node.left, *node.comparators]
                 if any(isinstance(s, ast.Attribute) and s.attr == "__name__" for s in sides):
                     found.append(f"{path.name}:{node.lineno} compares a __name__")
-            if isinstance(node, ast.Name) and node.id.endswith("Rule") and node.id != "UpdateRule":
+            if isinstance(node, ast.Name) and node.id.endswith("Rule") and node.id not in ("UpdateRule", "QuantizedRule"):
                 found.append(f"{path.name}:{node.lineno} names the rule class {node.id}")
+    assert found == []
+
+
+def test_no_layer_above_core_names_a_rules_state_keys():
+    """Where each rule's state tensors lie (state_layout) and its quantized form (code_keys,
+    scale_keys) are the rule's declarations: the step, the per-layer wrapper, the checkpoint
+    formats and the layouts name none of those keys (docstrings aside)."""
+    from galore_ds.core.adafactor import AdafactorRule
+    from galore_ds.core.adamw import AdamWRule
+    from galore_ds.core.adamw8bit import AdamW8bitRule
+    from galore_ds.core.apollo import ApolloRule
+    from galore_ds.core.fira import FiraRule
+
+    rules = [AdamWRule, AdamW8bitRule, AdafactorRule, FiraRule, ApolloRule]
+    keys = {k for r in rules for k in r.state_layout} | {
+        k for r in rules if r.quantized for k in (*r.code_keys, *r.scale_keys)}
+    assert {"exp_avg", "exp_avg_sq_row", "state1"} <= keys   # the scan looks for real keys
+    constructors = set((PKG / "optim").glob("*.py")) - {PKG / "optim" / f for f in STEP_MODULES}
+    found = []
+    for path in sorted(p for layer in ("layouts", "optim") for p in (PKG / layer).rglob("*.py")
+                       if p not in constructors):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in keys and id(node) not in docstrings:
+                found.append(f"{path.relative_to(PKG)}:{node.lineno} names the state key {node.value!r}")
     assert found == []

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from galore_ds.core.rule import ADAM_STATE_LAYOUT
 from galore_ds.core.update import Item, apply_update
 
 MOMENT_POLICIES = ("keep", "reset")
@@ -92,6 +93,10 @@ class AdafactorRule:
     quantized = False
     needs_full_grad = False
     projections = ("svd",)
+
+    # RMS is whole; the vector statistic of a 1-D parameter follows it like exp_avg
+    state_layout = {**ADAM_STATE_LAYOUT, "exp_avg_sq_row": "rows", "exp_avg_sq_col": "cols"}
+    sums_over_matrix = True
 
     @staticmethod
     def state_shapes(grad_shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from galore_ds.core.scratch import MAX_NUMEL, Scratch
-from galore_ds.core.rule import adam_state_shapes
+from galore_ds.core.rule import ADAM_STATE_LAYOUT, adam_state_shapes
 from galore_ds.core.settings import MOMENT_POLICIES  # every policy; AdamW supports them all
 from galore_ds.core.update import Item, apply_update, decay_weight, rotate_low_rank
 
@@ -25,6 +25,8 @@ class AdamWRule:
     needs_full_grad = False
     projections = ("svd",)
     state_shapes = staticmethod(adam_state_shapes)
+    state_layout = ADAM_STATE_LAYOUT
+    sums_over_matrix = False
 
     def __init__(self) -> None:
         self.scratch = Scratch()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from galore_ds.core.rule import adam_state_shapes
+from galore_ds.core.rule import ADAM_STATE_LAYOUT, adam_state_shapes
 from galore_ds.core.update import Item, apply_update, decay_weight
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise quantisation block
@@ -146,6 +146,8 @@ class AdamW8bitRule:
     quantized = True
     needs_full_grad = False
     projections = ("svd",)
+    state_layout = ADAM_STATE_LAYOUT                  # (of those values)
+    sums_over_matrix = False
     state_shapes = staticmethod(adam_state_shapes)    # the moments' fp32 values, as checkpoints carry them
     code_keys = tuple(sk for sk, _, _ in MOMENTS.values())    # state1, state2
     scale_keys = tuple(ak for _, ak, _ in MOMENTS.values())   # absmax1, absmax2

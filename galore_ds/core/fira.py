@@ -131,6 +131,7 @@ class NormScaledAdamRule(AdamWRule):
     docstring). Subclasses give the first pass (`plan`) and the second (`apply`)."""
 
     needs_full_grad = True
+    sums_over_matrix = True   # the limiter's norm (and APOLLO-Mini's tensor norms)
 
     @staticmethod
     def state_shapes(grad_shape: tuple[int, ...], group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -155,6 +156,11 @@ class NormScaledAdamRule(AdamWRule):
                 else:
                     plans.append(self.plan(item, normed, step_size))
         for plan, sums in zip(plans, complete(plans, reduce)):
+            if not bool(torch.isfinite(sums).all()):
+                # a NaN/Inf on any rank of a split matrix reaches every rank's sums: all drop
+                # this update alike (the optimizer's step skips such steps before the rule;
+                # per-layer immediate mode cannot, as for Adafactor: optim/layerwise.py)
+                continue
             self.apply(plan, sums)
             decay_weight(plan.item, plan.item.group["lr"], plan.item.group["weight_decay"])
 
@@ -189,6 +195,7 @@ class FiraRule(NormScaledAdamRule):
         phi = norm_ratio(normed, item.grad, dim)
         residual = item.full_grad.clone()          # G - rho P R, this matrix only
         pj.project_back_(residual, item.grad, item.proj, item.side, -self._rho(item))
+        item.zero_padding_(residual)               # a ZeRO piece counts only what it holds
         sq = torch.linalg.vector_norm(phi * channel_norms(residual, dim)).square()
         return Scaled(item, step_size, phi, [(sq.reshape(1), item.split.param_group)])
 

@@ -7,7 +7,7 @@ plus its public constructor.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -31,10 +31,21 @@ class UpdateRule(Protocol):
     #: layout that frees or never forms it (the low-rank DDP hook, the per-layer wrapper)
     #: cannot carry the rule
     needs_full_grad: bool
+    #: its update of a matrix split across ranks sums over the whole matrix (Adafactor's
+    #: statistics, the family's limiter and tensor-wise norms): every rank of the matrix's
+    #: group runs it, an empty block too
+    sums_over_matrix: bool
     #: the projector sources it works with, its default first: "svd" (the top singular
     #: subspace of the gradient, by the group's `refresh`) or "random" (a seeded Gaussian
     #: matrix, projector.gaussian_basis); a group picks one with `proj` (`projection_of`)
     projections: Sequence[str]
+
+    #: how each state tensor of `state_shapes` lies over the gradient block it follows, by
+    #: name: "grad" (shaped like it: its rows and columns are the gradient's), "rows" (one
+    #: value per row: Adafactor's row statistic), "cols" (one per column); a key not named is
+    #: whole, the same on every rank that holds the parameter (counters, RMS, a limiter's
+    #: norm). Checkpoints that reshard read it to cut and join each tensor.
+    state_layout: Mapping[str, str]
 
     def state_shapes(self, grad_shape: Shape, group: dict[str, Any]) -> dict[str, Shape]:
         """The logical state tensors of one gradient block of `grad_shape` (the projected
@@ -99,4 +110,8 @@ def adam_state_shapes(grad_shape: Shape, group: dict[str, Any]) -> dict[str, Sha
     return {"exp_avg": tuple(grad_shape), "exp_avg_sq": tuple(grad_shape)}
 
 
-__all__ = ["UpdateRule", "QuantizedRule", "Shape", "adam_state_shapes", "projection_of"]
+#: Adam's two moments follow the gradient element for element
+ADAM_STATE_LAYOUT: Mapping[str, str] = {"exp_avg": "grad", "exp_avg_sq": "grad"}
+
+
+__all__ = ["UpdateRule", "QuantizedRule", "Shape", "adam_state_shapes", "ADAM_STATE_LAYOUT", "projection_of"]

@@ -63,10 +63,22 @@ class Item:
     # the full gradient block matching `param`, for rules that declare `needs_full_grad`
     # (Fira's residual, APOLLO's channel scaling); None for the others
     full_grad: torch.Tensor | None = None
+    full_group: Any = None   # the group across which full_grad's blocks are disjoint (norms)
+    # a ZeRO piece padded to whole rows (Layout.local): the flat range of the block it holds;
+    # the rest of param and full_grad is padding (zero in full_grad, never written back)
+    held: tuple[int, int] | None = None
 
     @property
     def side(self) -> pj.Side:
         return "right" if self.right else "left"
+
+    def zero_padding_(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero what `t` (shaped like `param`) holds outside this rank's piece."""
+        if self.held is not None:
+            flat = t.view(-1)
+            flat[:self.held[0]] = 0
+            flat[self.held[1]:] = 0
+        return t
 
     def scale_(self, coef: float) -> None:
         """Clip: scale every gradient the rule consumes (R, and the full block if it has one)."""

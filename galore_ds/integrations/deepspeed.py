@@ -9,10 +9,11 @@
 
 What `register()` changes outside galore_ds, and why (the only such place in the package;
 explicit and idempotent):
-1. torch.optim.GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor become galore_ds's classes:
+1. torch.optim.GaLoreAdamW / GaLoreAdamW8bit / GaLoreAdafactor / FiraAdamW / ApolloAdamW become
+   galore_ds's classes:
    DeepSpeed resolves a JSON "optimizer" type that is not one of its own with
    getattr(torch.optim, NAME)(model_parameters, **params).
-2. deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS gains the three classes, so ZeRO
+2. deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS gains these classes, so ZeRO
    needs no "zero_allow_untested_optimizer".
 3. DeepSpeedEngine._configure_optimizer is wrapped. DeepSpeed replaces the optimizer's
    parameters with flat partitions and never tells the optimizer how; after DeepSpeed has
@@ -37,10 +38,12 @@ import torch
 from galore_ds.core.groups import DEFAULT_TARGET_MODULES, GALORE_KEYS, GALORE_OPTION_DEFAULTS, param_groups
 from galore_ds.optim.step import GaLoreOptimizer, steps_ignored
 from galore_ds.layouts.zero import read_zero_layout
-from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
+# DeepSpeed JSON "optimizer": {"type": NAME}; APOLLO-Mini is ApolloAdamW with "rank": 1,
+# "scale_type": "tensor", "scale": 128 in its params (docs/family.md)
 JSON_NAMES = {"GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit,
-              "GaLoreAdafactor": GaLoreAdafactor}
+              "GaLoreAdafactor": GaLoreAdafactor, "FiraAdamW": FiraAdamW, "ApolloAdamW": ApolloAdamW}
 _REGISTERED = False
 
 

@@ -56,9 +56,12 @@ from galore_ds.core.settings import DEFAULTS
 from galore_ds.optim.layerwise import CLIP_TIMINGS, LayerwiseOptimizer
 from galore_ds.optim.step import GaLoreOptimizer
 from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
-from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-OPTIMIZERS = {"adamw": GaLoreAdamW, "adamw8bit": GaLoreAdamW8bit, "adafactor": GaLoreAdafactor}
+OPTIMIZERS = {"adamw": GaLoreAdamW, "adamw8bit": GaLoreAdamW8bit, "adafactor": GaLoreAdafactor,
+              "fira": FiraAdamW, "apollo": ApolloAdamW, "apollo_mini": ApolloAdamW}
+# what a name sets besides its class: APOLLO-Mini is rank 1 with one scale per matrix
+NAME_SETTINGS = {"apollo_mini": dict(scale_type="tensor", scale=128)}
 
 
 @dataclass
@@ -71,7 +74,7 @@ class GaLoreArguments:
     scale: float = DEFAULTS.scale
     proj_type: str = DEFAULTS.proj_type
     target_modules: tuple[str, ...] = DEFAULTS.target_modules
-    optimizer: str = "adamw"          # adamw | adamw8bit | adafactor
+    optimizer: str = "adamw"          # adamw | adamw8bit | adafactor | fira | apollo | apollo_mini
     layerwise: bool = False           # per-layer updates inside backward
     clip_timing: str = "exact"        # max_grad_norm with this step's norm, or "delayed": the previous step's
     options: dict[str, Any] = field(default_factory=dict)  # refresh, signs, moments, stagger, seed, ...
@@ -184,10 +187,12 @@ class GaLoreTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         a, g = self.args, self.galore
-        groups = param_groups(self.model if model is None else model, rank=g.rank,
-                              update_proj_gap=g.update_proj_gap, scale=g.scale, proj_type=g.proj_type,
-                              target_modules=g.target_modules, weight_decay=a.weight_decay, **g.options)
-        hyper: dict[str, Any] = {"lr": a.learning_rate, "weight_decay": a.weight_decay}
+        apollo = g.optimizer in ("apollo", "apollo_mini")   # its scale means sqrt(scale) x the update
+        groups = param_groups(self.model if model is None else model, rank=1 if g.optimizer == "apollo_mini" else g.rank,
+                              update_proj_gap=g.update_proj_gap, proj_type=g.proj_type,
+                              target_modules=g.target_modules, weight_decay=a.weight_decay,
+                              **({} if apollo else {"scale": g.scale}), **g.options)
+        hyper: dict[str, Any] = {"lr": a.learning_rate, "weight_decay": a.weight_decay, **NAME_SETTINGS.get(g.optimizer, {})}
         if g.optimizer != "adafactor":
             hyper.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         else:

@@ -9,7 +9,8 @@
 torchtitan builds its optimizers from `OptimizersContainer.Config.param_groups`: regex patterns
 over parameter names, each with an optimizer name and its keyword arguments; groups that name
 the same optimizer become one optimizer instance. `GaLoreOptimizersContainer` is that container
-with three more names, "GaLoreAdamW", "GaLoreAdamW8bit" and "GaLoreAdafactor"; the rest (the
+with more names, "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor", "FiraAdamW" and "ApolloAdamW"
+(APOLLO-Mini: "ApolloAdamW" with rank 1, scale_type "tensor", scale 128); the rest (the
 schedulers, the implementation keys `fused`/`foreach` and `param_names` it puts in every group,
 other optimizers' state) is torchtitan's. Its state_dict stays flat and keyed by parameter name
 for DCP, but the GaLore optimizers' part is galore_ds's own (optim/checkpoint/): under
@@ -56,10 +57,11 @@ from galore_ds.core.settings import DEFAULTS
 from galore_ds.integrations.torchtitan_trainspec import TORCHTITAN_TARGETS
 from galore_ds.optim.checkpoint import create_state, load_optim_state_dict, optim_state_dict
 from galore_ds.optim.step import GaLoreOptimizer
-from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    "GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit, "GaLoreAdafactor": GaLoreAdafactor}
+    "GaLoreAdamW": GaLoreAdamW, "GaLoreAdamW8bit": GaLoreAdamW8bit, "GaLoreAdafactor": GaLoreAdafactor,
+    "FiraAdamW": FiraAdamW, "ApolloAdamW": ApolloAdamW}
 
 
 class GaLoreOptimizersContainer(OptimizersContainer):

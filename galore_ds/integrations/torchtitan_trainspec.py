@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from galore_ds.core.groups import OPTIMIZER_WIDE_KEYS, param_groups
 from galore_ds.optim.checkpoint import create_state, load_optim_state_dict, optim_state_dict
 from galore_ds.optim.step import GaLoreOptimizer
-from galore_ds.optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor}
+NAMES = {"AdamW": GaLoreAdamW, "Adam": GaLoreAdamW, "AdamW8bit": GaLoreAdamW8bit, "Adafactor": GaLoreAdafactor,
+         "Fira": FiraAdamW, "Apollo": ApolloAdamW}
 # torchtitan's module names (LLaMA 3, Qwen 3, ...): layers.N.attention.wq, layers.N.feed_forward.w1;
 # the GaLore targets of both torchtitan APIs (the other defaults: core/settings.py)
 TORCHTITAN_TARGETS = ("attention", "feed_forward")

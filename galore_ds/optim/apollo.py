@@ -28,8 +28,9 @@ class ApolloAdamW(GaLoreAdamW):
         proj_seeds: "hashed" (seeded by (seed, parameter index, refresh index), drawn on the
             CPU: the same matrices on every device) or "apollo" (apollo-torch's seeds and device).
 
-    It reads each GaLore matrix's full gradient: for now on whole plain tensors, in one process
-    or under plain DDP (other layouts refuse it with one line). Clipping (max_grad_norm) scales
+    It reads each GaLore matrix's full gradient: it runs on every layout GaLore does except the
+    two that average only projected gradients (lowrank_comm_hook, reduce_group), which refuse
+    it in one line (docs/family.md). Clipping (max_grad_norm) scales
     p.grad in place, as torch.nn.utils.clip_grad_norm_ does.
     """
 

@@ -1,8 +1,8 @@
 """One parameter in one optimizer step, as the step skeleton and the refresh see it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -25,6 +25,9 @@ class Entry:
     g_piece: torch.Tensor | None = None   # the raw gradient piece (gathers), when it differs from g_local
     averaged: bool = False      # its projected gradient is already averaged over the layout's reduce_group
     owner: int | None = None    # replicated matrices: the rank of its group that refreshes it
+    # the rule's declaration of how each state tensor lies over the gradient (core/rule.py:
+    # UpdateRule.state_layout), read by the checkpoint formats that cut and join state
+    state_layout: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def side(self) -> pj.Side:

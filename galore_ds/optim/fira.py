@@ -18,8 +18,9 @@ class FiraAdamW(GaLoreAdamW):
         residual: "exact" (G - P P^T G, the paper's) or "scaled" (G - scale P P^T G, the fira
             package's code, which its published runs used): docs/family.md.
 
-    It reads each GaLore matrix's full gradient: for now on whole plain tensors, in one process
-    or under plain DDP (other layouts refuse it with one line). Clipping (max_grad_norm) scales
+    It reads each GaLore matrix's full gradient: it runs on every layout GaLore does except the
+    two that average only projected gradients (lowrank_comm_hook, reduce_group), which refuse
+    it in one line (docs/family.md). Clipping (max_grad_norm) scales
     p.grad in place, as torch.nn.utils.clip_grad_norm_ does.
     """
 

@@ -169,6 +169,9 @@ class LayerwiseOptimizer:
                              "(bfloat16 with accum_dtype=float32)")
         if optimizer.zero is not None:
             raise ValueError("LayerwiseOptimizer: DeepSpeed ZeRO owns the gradients; use its step")
+        if accum_dtype == torch.float64 and optimizer.rule.needs_full_grad:
+            raise ValueError(f"accum_dtype=torch.float64: {type(optimizer).__name__} reads each matrix's full gradient, "
+                             "which autograd accumulates in the parameter's dtype; use accum_dtype=torch.float32")
         if max_grad_norm is not None:
             # one clipping state, the optimizer's: given here, it must agree with the
             # optimizer's own (if it has one), and becomes it
@@ -463,8 +466,9 @@ class LayerwiseOptimizer:
         e = self._entry(p)
         if self.micro_step + 1 >= self.accumulation_steps:
             self._finish(e, defer=self.deferred)
-        elif e.galore and not refresh_due(e.state, e.group):
-            # Mid-window, projector fixed for this step: keep only the projected gradient.
+        elif e.galore and not self.optimizer.rule.needs_full_grad and not refresh_due(e.state, e.group):
+            # Mid-window, projector fixed for this step: keep only the projected gradient
+            # (a rule that reads the full gradient, Fira or APOLLO, lets autograd sum it).
             low = self.optimizer.project_one(e).to(self.accum_dtype)
             if p in self._acc:
                 self._acc[p].add_(low)

@@ -62,7 +62,7 @@ from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
 from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
-from galore_ds.optim.checkpoint.places import ADAM_KEYS, as_values, dtensor_block
+from galore_ds.optim.checkpoint.places import as_values, dtensor_block
 from galore_ds.optim.entry import Entry
 from galore_ds.optim.refresh import refresh as refresh_entries
 from galore_ds.layouts.zero import ZeroBinding
@@ -156,6 +156,10 @@ class GaLoreOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.clip_timing = clip_timing
         self.next_clip_coef = 1.0             # delayed clipping: the coefficient of the last norm
+        if reduce_group is not None and self.rule.needs_full_grad:
+            raise ValueError(f"{type(self).__name__}(reduce_group=...): its rule reads each matrix's full gradient, "
+                             "so averaging only projected gradients cannot carry it; use plain DDP (or FSDP2's own "
+                             "HSDP) and no reduce_group")
         self.reduce_group = reduce_group
         # Counters a trainer can log (this process; not part of the state dict).
         # refresh_s: wall seconds spent computing and installing projectors (device-synchronized).
@@ -279,13 +283,13 @@ class GaLoreOptimizer(Optimizer):
                     if not torch.is_tensor(value):
                         continue
                     value = local_tensor(value).to(device=local_tensor(p).device, copy=True)
-                    if eight_bit and key in ADAM_KEYS:
+                    if eight_bit and key in self.rule.state_layout:   # its moments' fp32 values
                         dense[key] = value
                         del self.state[p][key]
                     else:
                         self.state[p][key] = pj.stored_layout(value) if key == "proj" else value
                 if dense:
-                    shape = tuple(dense["exp_avg"].shape)
+                    shape = tuple(next(iter(dense.values())).shape)
                     self.state[p].update(self.rule.from_values(dense, group, shape, local_tensor(p).device, exact=True))
 
     def _check_loadable(self, gi: int, saved_group: dict, group: dict, pid: Any, p: torch.Tensor,
@@ -475,7 +479,7 @@ class GaLoreOptimizer(Optimizer):
             pc = layout.piece
             g_piece = grad[pc.offset:pc.offset + pc.numel]
         return Entry(key, p, layout, group, index, state, galore, p_local, g_local, write_back, g_piece,
-                     owner=self.replicated_owner(p) if galore else None)
+                     owner=self.replicated_owner(p) if galore else None, state_layout=self.rule.state_layout)
 
     def replicated_owner(self, p: torch.Tensor) -> int | None:
         """The rank that refreshes GaLore matrix `p` when every rank of its group holds all of
@@ -653,9 +657,9 @@ class GaLoreOptimizer(Optimizer):
             e.state["step"] += 1
 
     def collective_update(self, item: Item) -> bool:
-        """Whether the rule's update of `item` is a collective (Adafactor's statistics of a
-        split tensor): every rank of its group must run it."""
-        return self._rows_needed() and (item.split.dim is not None or item.split.param_group is not None)
+        """Whether the rule's update of `item` is a collective (Adafactor's statistics, the
+        family's limiter, of a split tensor): every rank of its group must run it."""
+        return self.rule.sums_over_matrix and (item.split.dim is not None or item.split.param_group is not None)
 
     def update(self, items: list[Item]) -> None:
         """The rule on every item; a rank's empty blocks run only what the rule shares with
@@ -672,7 +676,13 @@ class GaLoreOptimizer(Optimizer):
             self.install_projector(e, basis)
 
         started = time.perf_counter()
-        refresh_entries(entries, self.compute_basis, install, self.prev_basis, self.program_for)
+        # a random projector (APOLLO) is drawn from seeds every rank knows: each installs its
+        # own copy, nothing is gathered or shared
+        drawn = [e for e in entries if projection_of(self.rule, e.group) == "random"]
+        for e in drawn:
+            install(e, self.compute_basis(e, e.g_local if e.g_local is not None else e.p_local))
+        refresh_entries([e for e in entries if projection_of(self.rule, e.group) != "random"],
+                        self.compute_basis, install, self.prev_basis, self.program_for)
         if entries and entries[0].p_local.is_cuda:
             torch.cuda.synchronize(entries[0].p_local.device)  # the time of the work, not of its launch
         self.galore_stats["refresh_s"] += time.perf_counter() - started
@@ -845,26 +855,26 @@ class GaLoreOptimizer(Optimizer):
         lay = e.layout
         split = self._galore_split(e) if e.galore else self._full_split(e, low)
         split.grad_shape = self._rule_grad_shape(e)
-        full_grad = None
+        full = {}
         if e.galore and self.rule.needs_full_grad:
-            # The one check of where a rule that reads the full gradient (Fira, APOLLO) runs
-            # yet: whole plain tensors, in one process or under plain DDP.
-            where = ("a DeepSpeed ZeRO partition" if lay.piece is not None
-                     else "a DTensor shard (FSDP2/HSDP)" if is_dtensor(e.param) or lay.group is not None
-                     else "reduce_group (per-rank contributions)" if lay.reduce_group is not None
-                     else "replicated across ranks (DeepSpeed ZeRO-0)" if lay.replica_group is not None
-                     else "the per-layer wrapper (it frees the full gradient)" if e.param.grad is None
-                     else None)
-            if where is not None:
-                raise RuntimeError(f"{type(self).__name__} is not yet on this layout: {where}; it reads each "
-                                   "matrix's full gradient and runs on whole plain tensors, in one process or "
-                                   "under plain DDP")
-            full_grad = e.g_local
+            # the gradient block matching p_local (Fira, APOLLO): blocks disjoint across the
+            # layout's norm group; a ZeRO piece padded to whole rows says which part it holds
+            full = dict(full_grad=e.g_local, full_group=lay.norm_group, held=self._held(e))
         return Item(e.p_local, low, e.state, e.group, e.galore,
                     proj=self.proj_block(e) if e.galore else None,
                     right=e.side == "right" if e.galore else True, split=split,
-                    param_sq=lambda lay=lay, p=e.param: lay.own_sq(p), param_numel=lay.numel,
-                    full_grad=full_grad)
+                    param_sq=lambda lay=lay, p=e.param: lay.own_sq(p), param_numel=lay.numel, **full)
+
+    @staticmethod
+    def _held(e: Entry) -> tuple[int, int] | None:
+        """A ZeRO piece that Layout.local padded to whole rows: the flat range of the padded
+        block that this rank holds (None: it holds the whole block)."""
+        lay, pc = e.layout, e.layout.piece
+        if pc is None:
+            return None
+        start = pc.start - lay.rows[0] * lay.shape[1]
+        whole = (lay.rows[1] - lay.rows[0]) * lay.shape[1]
+        return None if (start, pc.numel) == (0, whole) else (start, start + pc.numel)
 
     @staticmethod
     def _galore_split(e: Entry) -> Split:
@@ -910,7 +920,11 @@ class GaLoreOptimizer(Optimizer):
 
     @staticmethod
     def owned(item: Item) -> torch.Tensor:
-        """The part of an item's gradient this rank counts in whole-tensor sums."""
+        """The part of an item's gradient this rank counts in whole-tensor sums: what the rule
+        consumes, the full gradient block when it reads one (its blocks are disjoint; padding
+        is zero), else R or the full-rank gradient."""
+        if item.full_grad is not None:
+            return item.full_grad
         g, sp = item.grad, item.split
         if sp.dim == 0 and g.dim() == 2:
             return g[sp.owned]
@@ -951,8 +965,10 @@ def norm_groups(layouts: Iterable[Layout]) -> dict[int, Any]:
 
 
 def norm_key(item: Item) -> int:
-    """Where an item's squared norm is summed: 0 (whole here) or its split group's id."""
-    return 0 if item.split.group is None else id(item.split.group)
+    """Where an item's squared norm is summed (GaLoreOptimizer.owned): 0 (whole here) or the
+    id of the group its counted blocks are disjoint across."""
+    group = item.full_group if item.full_grad is not None else item.split.group
+    return 0 if group is None else id(group)
 
 
 def norm_from_squares(sq: dict[int, torch.Tensor], groups: dict[int, Any]) -> float:

@@ -41,9 +41,13 @@ from typing import Any
 from galore_ds.core.adamw8bit import UPDATE_CHUNK
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZERS = ("adamw", "adam8bit", "galore", "galore8bit")
+OPTIMIZERS = ("adamw", "adam8bit", "galore", "galore8bit", "fira", "apollo", "apollo_mini")
+# the low-rank rules, which have a per-layer mode; of those, the ones that read the full gradient
+LOW_RANK = ("galore", "galore8bit", "fira", "apollo", "apollo_mini")
+FULL_GRADIENT = ("fira", "apollo", "apollo_mini")
 CONFIG_OPTIMIZER = {"adamw": "adamw", "galore_adamw": "galore", "galore_adamw8bit": "galore8bit",
-                    "galore_adafactor": "galore"}
+                    "galore_adafactor": "galore", "fira_adamw": "fira", "apollo_adamw": "apollo",
+                    "apollo_mini": "apollo_mini"}
 GIB = 2**30
 _BLOCK = 256
 _FOREACH_BATCH = 1 << 24   # galore_ds.optim.adamw._FOREACH_BATCH_NUMEL
@@ -144,8 +148,8 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if layerwise and world_size > 1:
         raise ValueError("the per-layer mode is single-rank: use world_size=1")
-    if layerwise and not optimizer.startswith("galore"):
-        raise ValueError("the per-layer mode runs the GaLore optimizers")
+    if layerwise and optimizer not in LOW_RANK:
+        raise ValueError("the per-layer mode runs the low-rank optimizers")
     wb = DTYPE_BYTES[s.dtype]
     pb = min(wb, 4)  # projectors: 16-bit weights keep them in their dtype (projector.storage_dtype)
     ab = DTYPE_BYTES[activation_dtype or s.dtype]
@@ -154,7 +158,7 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         other = other + [m * n for m, n in galore_m]
         galore_m = []
     P = s.num_params()
-    r = s.rank
+    r = 1 if optimizer == "apollo_mini" else s.rank   # APOLLO-Mini is rank 1 whatever the recipe's rank
     lowrank = [max(m, n) * r for m, n in galore_m]
     projs = [min(m, n) * r for m, n in galore_m]
     N = world_size
@@ -172,8 +176,10 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     elif optimizer == "adam8bit":
         moments = sum(_adam8bit_bytes(n) for n in other)
         proj = 0.0
-    elif optimizer == "galore":
-        moments = 2.0 * 4 * sum(lowrank) + 2.0 * wb * sum(other)
+    elif optimizer in ("galore", "fira", "apollo", "apollo_mini"):
+        # fp32 moments of R (the family adds one fp32 scalar per matrix: its limiter's norm);
+        # APOLLO's random projector is kept between refreshes like GaLore's
+        moments = 2.0 * 4 * sum(lowrank) + 2.0 * wb * sum(other) + (4.0 * len(lowrank) if optimizer in FULL_GRADIENT else 0.0)
         proj = pb * sum(projs)
     else:  # galore8bit
         moments = sum(_adam8bit_bytes(n) for n in lowrank) + sum(_adam8bit_bytes(n) for n in other)
@@ -187,7 +193,9 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         parts["gradients"] = P * wb / shard_grads
     else:
         g = largest * wb  # the one full gradient alive inside its hook
-        if accumulation > 1 or clipping:
+        if (accumulation > 1 or clipping) and optimizer in FULL_GRADIENT:
+            g += P * wb   # they read the full gradient: autograd keeps each until the window ends
+        elif accumulation > 1 or clipping:
             g += 4.0 * sum(lowrank) + wb * sum(other)
         parts["gradients"] = g
 
@@ -209,7 +217,7 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
     max_other = max(other)
     if optimizer == "adamw":
         t = 2.0 * largest * wb                       # sqrt(v) and the denominator
-    elif optimizer == "galore" and not layerwise:
+    elif optimizer in ("galore", "fira", "apollo", "apollo_mini") and not layerwise:
         # GaLoreAdamW updates a param group in foreach batches of <= 2^24 elements, with one
         # reused buffer for m / (sqrt(v) + eps). fp32 weights project into a second reused
         # buffer; 16-bit weights get fresh fp32 projected grads (measured: the allocator keeps
@@ -217,12 +225,14 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         low, batch = sum(lowrank), min(sum(lowrank), _FOREACH_BATCH)
         projected = batch if wb == 4 else low
         t = max(4.0 * (projected + batch), 2.0 * wb * sum(other))
-    elif optimizer == "galore":
+    elif optimizer in ("galore", "fira", "apollo", "apollo_mini"):
         t = max(2.0 * max_other * wb, 3.0 * big_low * 4)   # per-layer: one parameter at a time
     elif optimizer == "galore8bit":
         t = 2.0 * big_low * 4                        # fp32 low-rank grad + update buffer
     else:
         t = 0.0
+    if optimizer == "fira":
+        t += max(m * n for m, n in galore_m) * wb   # its residual G - P R, one matrix at a time
     if device == "cpu" and optimizer in ("adam8bit", "galore8bit"):
         t += 6.5 * 4 * min(max(max_other, big_low), UPDATE_CHUNK)  # the kernel runs in chunks
     # under ZeRO-1+ the optimizer only updates this rank's partition
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         for z in stages:
             rows.append(estimate(shape, opt, False, N, z, args.accumulation, args.clip, None,
                                  args.device, checkpointing))
-        if N == 1 and opt.startswith("galore"):
+        if N == 1 and opt in LOW_RANK:
             rows.append(estimate(shape, opt, True, 1, 0, args.accumulation, args.clip, None,
                                  args.device, checkpointing))
     if args.json:

@@ -26,7 +26,11 @@ BUILTIN_SOURCE = "python-stdlib"   # the embedded default corpus (no download)
 HF_PREFIX = "hf:"                  # data.source "hf:<dataset name>" streams a Hugging Face dataset
 ENGINE_MODES = ("auto", "single", "layerwise", "deepspeed", "fsdp", "ddp")
 MULTI_RANK_ENGINES = ("deepspeed", "fsdp", "ddp", "layerwise")
-OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw")
+OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw", "apollo_adamw", "apollo_mini",
+              "adamw")
+# the rules that read each matrix's full gradient (Fira, APOLLO): the ddp engine, which averages
+# only projected gradients, cannot carry them
+FULL_GRADIENT_OPTIMIZERS = ("fira_adamw", "apollo_adamw", "apollo_mini")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,7 +94,8 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    optimizer: str = "galore_adamw"   # galore_adamw | galore_adamw8bit | galore_adafactor | adamw
+    optimizer: str = "galore_adamw"   # galore_adamw | galore_adamw8bit | galore_adafactor | fira_adamw |
+                                      # apollo_adamw | apollo_mini | adamw (docs/family.md)
     steps: int = 100                  # optimizer steps
     lr: float = 0.01
     warmup_steps: int = 10
@@ -493,7 +498,7 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
         _choice("galore.proj_type", g.proj_type, ("std", "reverse_std", "left", "right"))
         _choice("galore.refresh", g.refresh, ("svd", "randomized"))
         _choice("galore.signs", g.signs, ("aligned", "lapack"))
-        moments = MOMENT_POLICIES if t.optimizer == "galore_adamw" else ("keep", "reset")
+        moments = MOMENT_POLICIES if t.optimizer in ("galore_adamw", "fira_adamw") else ("keep", "reset")
         _choice("galore.moments", g.moments, moments)
         for key in ("oversample", "power_iters", "first_power_iters"):
             _positive(f"galore.{key}", getattr(g, key), allow_zero=key == "oversample")
@@ -526,6 +531,10 @@ def validate(cfg: Config, dist: Optional[DistEnv] = None) -> Config:
     if mode == "fsdp" and dist.world_size % e.fsdp.replicate:
         raise ConfigError("engine.fsdp.replicate", f"{e.fsdp.replicate} does not divide the {dist.world_size} ranks",
                           "use a divisor of the world size (HSDP replicas x shards = ranks)")
+    if mode == "ddp" and t.optimizer in FULL_GRADIENT_OPTIMIZERS:
+        raise ConfigError("engine.mode", f"ddp averages only projected gradients; {t.optimizer} reads each matrix's "
+                          "full gradient", "use engine.mode=deepspeed (ZeRO stage 0 is plain data parallelism) or fsdp, "
+                          "or a galore_* optimizer")
     if mode == "ddp" and t.optimizer == "adamw":
         raise ConfigError("engine.mode", "ddp averages GaLore's projected gradients; training.optimizer=adamw has none",
                           "use a galore_* optimizer (galore.enabled=false gives their full-rank rule), or "

@@ -28,9 +28,12 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         no_decay = [(n, p) for n, p in named if p.ndim < 2]
         return [dict(params=[p for _, p in part], param_names=[n for n, _ in part], name=name, weight_decay=wd)
                 for part, name, wd in ((decay, "decay", t.weight_decay), (no_decay, "no_decay", 0.0)) if part]
-    return param_groups(model, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
+    # APOLLO's scale means another thing (the update times sqrt(scale)): its constructor's
+    # default, or APOLLO-Mini's 128, not galore.scale; APOLLO-Mini is rank 1
+    scale = {} if t.optimizer in ("apollo_adamw", "apollo_mini") else dict(scale=g.scale)
+    return param_groups(model, rank=1 if t.optimizer == "apollo_mini" else g.rank, update_proj_gap=g.update_proj_gap,
                         proj_type=g.proj_type, target_modules=tuple(g.target_modules),
-                        weight_decay=t.weight_decay, **galore_options(cfg))
+                        weight_decay=t.weight_decay, **scale, **galore_options(cfg))
 
 
 def is_galore(cfg: Config) -> bool:
@@ -42,7 +45,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) ->
     what they consume (training.grad_clip) and skip NaN/Inf steps themselves; `layout`
     keywords (reduce_group) go to them only. The AdamW baseline is torch's: engines clip it
     with `clip_full_gradients`."""
-    from galore_ds import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+    from galore_ds import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
     t = cfg.training
     betas = (t.beta1, t.beta2)
@@ -56,6 +59,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) ->
     if t.optimizer == "galore_adamw8bit":
         return GaLoreAdamW8bit(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
                                max_grad_norm=clip, **layout)
+    if t.optimizer == "fira_adamw":
+        return FiraAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
+                         max_grad_norm=clip, **layout)
+    if t.optimizer in ("apollo_adamw", "apollo_mini"):
+        mini = dict(scale_type="tensor", scale=128) if t.optimizer == "apollo_mini" else {}
+        return ApolloAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
+                           max_grad_norm=clip, **mini, **layout)
     if t.optimizer == "galore_adafactor":
         # A fixed LR so the warmup/cosine schedule applies (Adafactor's relative step would ignore it).
         return GaLoreAdafactor(groups, lr=t.lr, relative_step=False, scale_parameter=False,

@@ -42,6 +42,8 @@ OPTIMIZERS = {
     "adamw": lambda g, **kw: galore_ds.GaLoreAdamW(g, lr=1e-2, **kw),
     "adamw8bit": lambda g, **kw: galore_ds.GaLoreAdamW8bit(g, lr=1e-2, min_8bit_size=16, **kw),
     "adafactor": lambda g, **kw: galore_ds.GaLoreAdafactor(g, **kw),   # relative_step=True
+    # random projection redrawn from its seeds, the limiter's norm a per-matrix scalar
+    "apollo": lambda g, **kw: galore_ds.ApolloAdamW(g, lr=1e-2, **kw),
 }
 CLIPS = {"exact": dict(max_grad_norm=CLIP), "delayed": dict(max_grad_norm=CLIP, clip_timing="delayed")}
 

@@ -164,6 +164,32 @@ def comm_hook(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | N
     return {"rel_diff": diff, "hook_bytes_between": between[:1], "ddp_full_bytes": full}
 
 
+def plain_ddp_family(world: int) -> dict:
+    """Fira and APOLLO-Mini read each matrix's full gradient, so the low-rank hook cannot carry
+    them (refused: tests/test_family_reference.py); a user's plain DDP loop (full gradients
+    averaged, every rank steps whole tensors) equals one process on the global batch."""
+    rank = dist.get_rank()
+    out = {}
+    for opt in ("fira", "apollo_mini"):
+        ref = make_model()
+        model = copy.deepcopy(ref)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ours = make_optimizer(opt, model, update_proj_gap=GAP, max_grad_norm=CLIP)
+        single = make_optimizer(opt, ref, update_proj_gap=GAP, max_grad_norm=CLIP)
+        for s in range(STEPS):
+            ours.zero_grad(set_to_none=True)
+            single.zero_grad(set_to_none=True)
+            x, y = data(s, 0, 2 * world)
+            loss_fn(ref, x, y).backward()
+            loss_fn(ddp, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
+            ours.step()
+            single.step()
+        diff = rel_diff(model, ref)
+        check(diff, TOL)
+        out[opt] = diff
+    return out
+
+
 class _null:
     def __enter__(self):
         return None
@@ -185,6 +211,7 @@ CASES = {
     "comm_hook_randomized_adafactor": lambda w: comm_hook(w, opt="adafactor", refresh="randomized"),
     "per_layer_bf16_wire_half_the_bytes": lambda w: per_layer(w, accum=2, clip=CLIP, wire=torch.bfloat16),
     "comm_hook_bf16_wire": lambda w: comm_hook(w, accum=2, clip=CLIP, wire=torch.bfloat16),
+    "plain_ddp_fira_and_apollo_mini": plain_ddp_family,
 }
 
 

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pairwise  # noqa: E402
 from harness import (  # noqa: E402
-    EIGHT_BIT_TOL, OPTIMIZERS, RANK, TOL, check, data, groups_of, loss_fn, make_model, make_optimizer, run_worker,
+    EIGHT_BIT_TOL, GROUP_SETTINGS, OPTIMIZERS, RANK, TOL, check, data, groups_of, loss_fn, make_model, make_optimizer,
+    run_worker,
 )
 
 import deepspeed  # noqa: E402
@@ -49,7 +50,8 @@ CLIP = 0.05
 BF16_TOL = 2e-2            # bf16 forward/backward against the fp32 reference (7 steps)
 FP16_TOL = 5e-3            # fp16 (10 mantissa bits), same reference
 JSON_NAMES = {"adamw": "GaLoreAdamW", "adamw8bit": "GaLoreAdamW8bit", "adafactor": "GaLoreAdafactor",
-              "adafactor_rs": "GaLoreAdafactor"}
+              "adafactor_rs": "GaLoreAdafactor", "fira": "FiraAdamW", "apollo": "ApolloAdamW",
+              "apollo_mini": "ApolloAdamW"}
 # the shared optimizers, plus GaLoreAdafactor as constructed with no lr: relative_step defaults
 DS_OPTIMIZERS = {**OPTIMIZERS, "adafactor_rs": (galore_ds.GaLoreAdafactor, dict(weight_decay=0.01))}
 # clip settings: "none"; "deepspeed": gradient_clipping in the config; "ours"/"ours_delayed": the
@@ -92,8 +94,9 @@ def build_optimizer(name: str, model, groups: str = "named", *, max_grad_norm: f
         return make_optimizer(name, model, groups, max_grad_norm=max_grad_norm, **galore)
     cls, kw = DS_OPTIMIZERS[name]
     clip = dict(max_grad_norm=max_grad_norm, clip_timing=clip_timing)
+    galore = {"rank": RANK, **GROUP_SETTINGS.get(name, {}), **galore}
     if groups == "flat":
-        return cls(groups_of(model, groups), rank=RANK, **galore, **kw, **clip)
+        return cls(groups_of(model, groups), **galore, **kw, **clip)
     return cls(groups_of(model, groups, **galore), **kw, **clip)
 
 
@@ -115,12 +118,13 @@ def make_engine(world: int, *, stage: int, path: str = "client", opt: str = "ada
         cls, params = DS_OPTIMIZERS[opt]
         params = {**params, "update_proj_gap": GAP, "proj_type": proj, **galore,
                   **({"max_grad_norm": ours} if ours else {})}
+        rank = GROUP_SETTINGS.get(opt, {}).get("rank", RANK)
         if groups == "flat":
-            params["rank"] = RANK
+            params["rank"] = rank
             model_parameters = list(model.parameters())
         else:
-            model_parameters = groups_of(model, groups, **{k: v for k, v in params.items()
-                                                          if k in ("update_proj_gap", "proj_type")})
+            model_parameters = groups_of(model, groups, rank=rank, **{k: v for k, v in params.items()
+                                                                     if k in ("update_proj_gap", "proj_type")})
         cfg["optimizer"] = {"type": JSON_NAMES[opt], "params": params}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=cfg)
     reference = build_optimizer(opt, ref, groups, **kw)

@@ -274,6 +274,31 @@ def layerwise(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | N
     return {"rel_diff": diff, "norm_rel_diff": norm_diff, "coefs": lw.clip_coef}
 
 
+# ------------------------------------------------------------------ the family (issue 23)
+def case_family_hsdp_on_fsdp2s_2d_mesh(world: int) -> dict:
+    """Fira and APOLLO-Mini on FSDP2's own HSDP (replicas hold the same shards; FSDP2 averages
+    full gradients over them): the limiter's and tensor-wise norms sum over the shard group only."""
+    if world != 4:
+        return {"skipped": "needs 4 ranks"}
+    return {opt: compare(world, *train(world, opt=opt, hsdp="2d", clip=CLIP, cols=True), opt)
+            for opt in ("fira", "apollo_mini")}
+
+
+def case_family_reduce_group_is_refused(world: int) -> dict:
+    """reduce_group (HSDP low-rank replicas, replicated weights) averages R only: a rule that
+    reads the full gradient cannot run on it, refused in one line that names plain DDP."""
+    model = shard(make_model(), world)
+    messages = {}
+    for opt in ("fira", "apollo"):
+        try:
+            make_optimizer(opt, model, reduce_group=dist.group.WORLD)
+            raise AssertionError(f"{opt}: built with reduce_group")
+        except ValueError as e:
+            messages[opt] = str(e)
+            assert "\n" not in str(e) and "plain DDP" in str(e)
+    return messages
+
+
 # ------------------------------------------------------------------ refusals
 def case_refuses_two_sharded_mesh_dims_and_strided_shards(world: int) -> dict:
     """What cannot be done exactly is refused with one line, never run differently."""
@@ -369,6 +394,12 @@ CASES.update({
     "layerwise_adafactor_k1_clip_cols": lambda w: layerwise(w, opt="adafactor", clip=CLIP, cols=True),
     "layerwise_adamw8bit_k2": lambda w: layerwise(w, opt="adamw8bit", accum=2),
     "refuses_two_sharded_mesh_dims_and_strided_shards": case_refuses_two_sharded_mesh_dims_and_strided_shards,
+    "family_hsdp_on_fsdp2s_2d_mesh": case_family_hsdp_on_fsdp2s_2d_mesh,
+    "family_reduce_group_is_refused": case_family_reduce_group_is_refused,
+    "family_inf_on_one_rank_skips_everywhere_apollo_cols": lambda w: _nonfinite(w, opt="apollo", cols=True),
+    "layerwise_fira_k2_clip_cols": lambda w: layerwise(w, opt="fira", accum=2, clip=CLIP, cols=True),
+    "layerwise_apollo_mini_k1_clip_delayed": lambda w: layerwise(w, opt="apollo_mini", clip=CLIP, timing="delayed"),
+    "layerwise_apollo_k1": lambda w: layerwise(w, opt="apollo"),
 })
 for _name in OPTIMIZERS:
     CASES[f"dcp_save_2_{_name}"] = lambda w, n=_name: dcp_save(w, n)

@@ -34,7 +34,14 @@ OPTIMIZERS = {
     "adafactor": (galore_ds.GaLoreAdafactor, dict(lr=1e-2, relative_step=False, scale_parameter=True,
                                                    beta1=0.9, clip_threshold=0.5, weight_decay=0.01)),
     "adamw8bit": (galore_ds.GaLoreAdamW8bit, dict(lr=1e-2, weight_decay=0.01, min_8bit_size=16)),
+    # the family (issue 23): they read the full gradient; the limiter and APOLLO-Mini's tensor
+    # norms are per matrix, summed across a split matrix's shards
+    "fira": (galore_ds.FiraAdamW, dict(lr=1e-2, weight_decay=0.01)),
+    "apollo": (galore_ds.ApolloAdamW, dict(lr=1e-2, weight_decay=0.01)),
+    "apollo_mini": (galore_ds.ApolloAdamW, dict(lr=3e-3, weight_decay=0.01, scale_type="tensor", scale=128)),
 }
+# group settings an optimizer's users write into its GaLore groups (APOLLO-Mini is rank 1)
+GROUP_SETTINGS = {"apollo_mini": dict(rank=1)}
 
 
 class Tiny(nn.Module):
@@ -83,15 +90,16 @@ def groups_of(model: nn.Module, kind: str, **galore) -> list | object:
     (transformers' integration), or a flat parameter list with `rank` (DeepSpeed's JSON)."""
     if kind == "flat":
         return list(model.parameters())
-    gs = galore_ds.param_groups(model, rank=RANK, weight_decay=0.01, **galore)
+    gs = galore_ds.param_groups(model, **{"rank": RANK, "weight_decay": 0.01, **galore})
     return gs[::-1] if kind == "plain_first" else gs
 
 
 def make_optimizer(name: str, model: nn.Module, kind: str = "named", **galore):
     cls, kw = OPTIMIZERS[name]
     extra = {k: galore.pop(k) for k in ("max_grad_norm", "reduce_group") if k in galore}
+    galore = {"rank": RANK, **GROUP_SETTINGS.get(name, {}), **galore}
     if kind == "flat":
-        return cls(groups_of(model, kind), rank=RANK, **galore, **kw, **extra)
+        return cls(groups_of(model, kind), **galore, **kw, **extra)
     return cls(groups_of(model, kind, **galore), **kw, **extra)
 
 

@@ -24,7 +24,6 @@ import torch
 
 from galore_ds.optim.entry import Entry
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SCALAR_KEYS = ("step", "refresh_offset", "proj_right")
 
 
@@ -62,15 +61,16 @@ def _rows_kept(e: Entry) -> bool:
 def place(e: Entry, key: str, value: torch.Tensor) -> Place:
     """Where state tensor `key` of entry `e` lies (see the module docstring)."""
     low = low_place(e)
-    if key in ADAM_KEYS:         # Adam's moments; Adafactor's first moment and vector statistic
+    follows = e.state_layout.get(key)   # the rule's declaration (core/rule.py: state_layout)
+    if follows == "grad":
         return low
-    if key == "exp_avg_sq_row":  # follows R's rows
+    if follows == "rows":
         shape = low.shape[:-1]
         return Place(shape, 0, low.start) if low.dim == 0 else Place(shape, None)
-    if key == "exp_avg_sq_col":  # follows R's columns
+    if follows == "cols":
         shape = low.shape[:-2] + low.shape[-1:]
         return Place(shape, 0, low.start) if low.dim == 1 else Place(shape, None)
-    return Place(tuple(value.shape), None)  # proj, RMS, counters
+    return Place(tuple(value.shape), None)  # whole: proj, counters, RMS, a limiter's norm
 
 
 def span(e: Entry, logical: Place, dim: int) -> tuple[int, int]:
@@ -219,4 +219,4 @@ def from_tensor(t: torch.Tensor) -> Any:
 
 __all__ = ["Place", "low_place", "place", "low_shape", "span", "block_of", "quantized_keys", "holds_codes",
            "as_values", "shard_key", "shard_of", "dtensor_block", "named_entries", "lr_tensor", "lr_value",
-           "as_tensor", "from_tensor", "ADAM_KEYS", "SCALAR_KEYS"]
+           "as_tensor", "from_tensor", "SCALAR_KEYS"]

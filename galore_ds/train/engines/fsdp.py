@@ -38,6 +38,7 @@ from galore_ds.optim.checkpoint import dcp_load, dcp_state_dict
 from galore_ds.layouts.comm import COMM
 from galore_ds.train.engines.base import Engine, StepResult
 from galore_ds.train.engines.per_layer import layerwise_step
+from galore_ds.train.config import FULL_GRADIENT_OPTIMIZERS
 from galore_ds.train.model import DTYPES
 from galore_ds.train.optim import build_param_groups, is_galore
 
@@ -67,7 +68,8 @@ class FSDPEngine(Engine):
             return init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
         mesh = init_device_mesh(self.device.type, (reps, self.world_size // reps),
                                 mesh_dim_names=("replicate", "shard"))
-        if self.cfg.engine.fsdp.layerwise or not is_galore(self.cfg):
+        full = self.cfg.training.optimizer in FULL_GRADIENT_OPTIMIZERS   # Fira, APOLLO read full gradients
+        if self.cfg.engine.fsdp.layerwise or not is_galore(self.cfg) or full:
             return mesh  # FSDP2's own HSDP: its replica all-reduce runs on full gradient shards
         self.reduce_group = mesh["replicate"].get_group()  # the optimizer averages R over replicas
         return mesh["shard"]
