@@ -148,12 +148,13 @@ class Engine(ABC):
         position and accumulators with it), the scheduler and the skipped-step count."""
         import torch
 
-        state = {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "skipped_steps": self.skipped_steps}
+        state = {"model": self.model.state_dict()}
         if getattr(self, "layerwise", None) is not None:
+            # the optimizer, window position, accumulators, scheduler and skipped-step count
             state["layerwise"] = self.layerwise.state_dict()
         else:
-            state["optimizer"] = self.optimizer.state_dict()
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                         skipped_steps=self.skipped_steps)
         torch.save(state, Path(directory) / "engine.pt")
 
     def load_engine_file(self, directory: Path) -> None:
