@@ -85,6 +85,10 @@ class FamilySettings:
 
 
 FAMILY = FamilySettings()
+# APOLLO-Mini is ApolloAdamW with these (apollo-torch's README): rank 1, one scale per matrix,
+# scale 128. Every entry point that names it (recipe, Trainer) reads them here.
+APOLLO_MINI_RANK = 1
+APOLLO_MINI = dict(scale_type="tensor", scale=128)
 FIRA_KEYS = ("norm_growth_limit", "residual")
 APOLLO_KEYS = ("norm_growth_limit", "proj", "scale_type", "proj_seeds")
 # the family's options that name a choice, with the choices
@@ -111,4 +115,4 @@ def check_family_options(group: dict[str, Any], projections: tuple[str, ...]) ->
 
 
 __all__ = ["GaLoreSettings", "DEFAULTS", "FIELDS", "GROUP_KEYS", "OPTION_KEYS", "MOMENT_POLICIES", "defaults_of",
-           "FamilySettings", "FAMILY", "FIRA_KEYS", "APOLLO_KEYS", "FAMILY_CHOICES", "check_family_options"]
+           "FamilySettings", "FAMILY", "APOLLO_MINI", "APOLLO_MINI_RANK", "FIRA_KEYS", "APOLLO_KEYS", "FAMILY_CHOICES", "check_family_options"]

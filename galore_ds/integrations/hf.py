@@ -52,7 +52,7 @@ except ImportError:  # the one line a user without the extra sees
                       "pip install 'galore_ds[hf]'") from None
 
 from galore_ds.core.groups import param_groups
-from galore_ds.core.settings import DEFAULTS
+from galore_ds.core.settings import APOLLO_MINI, APOLLO_MINI_RANK, DEFAULTS
 from galore_ds.optim.layerwise import CLIP_TIMINGS, LayerwiseOptimizer
 from galore_ds.optim.step import GaLoreOptimizer
 from galore_ds.optim.lowrank_ddp import LowRankHookState, lowrank_comm_hook
@@ -61,7 +61,7 @@ from galore_ds.optim import ApolloAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
 OPTIMIZERS = {"adamw": GaLoreAdamW, "adamw8bit": GaLoreAdamW8bit, "adafactor": GaLoreAdafactor,
               "fira": FiraAdamW, "apollo": ApolloAdamW, "apollo_mini": ApolloAdamW}
 # what a name sets besides its class: APOLLO-Mini is rank 1 with one scale per matrix
-NAME_SETTINGS = {"apollo_mini": dict(scale_type="tensor", scale=128)}
+NAME_SETTINGS = {"apollo_mini": APOLLO_MINI}
 
 
 @dataclass
@@ -188,7 +188,7 @@ class GaLoreTrainer(Trainer):
             return self.optimizer
         a, g = self.args, self.galore
         apollo = g.optimizer in ("apollo", "apollo_mini")   # its scale means sqrt(scale) x the update
-        groups = param_groups(self.model if model is None else model, rank=1 if g.optimizer == "apollo_mini" else g.rank,
+        groups = param_groups(self.model if model is None else model, rank=APOLLO_MINI_RANK if g.optimizer == "apollo_mini" else g.rank,
                               update_proj_gap=g.update_proj_gap, proj_type=g.proj_type,
                               target_modules=g.target_modules, weight_decay=a.weight_decay,
                               **({} if apollo else {"scale": g.scale}), **g.options)

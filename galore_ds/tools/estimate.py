@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from galore_ds.core.adamw8bit import UPDATE_CHUNK
+from galore_ds.core.settings import APOLLO_MINI_RANK
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adam8bit", "galore", "galore8bit", "fira", "apollo", "apollo_mini")
@@ -158,7 +159,7 @@ def estimate(s: Shape, optimizer: str = "galore8bit", layerwise: bool = False, w
         other = other + [m * n for m, n in galore_m]
         galore_m = []
     P = s.num_params()
-    r = 1 if optimizer == "apollo_mini" else s.rank   # APOLLO-Mini is rank 1 whatever the recipe's rank
+    r = APOLLO_MINI_RANK if optimizer == "apollo_mini" else s.rank   # whatever the recipe's rank
     lowrank = [max(m, n) * r for m, n in galore_m]
     projs = [min(m, n) * r for m, n in galore_m]
     N = world_size

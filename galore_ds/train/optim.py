@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from galore_ds.core.settings import APOLLO_MINI, APOLLO_MINI_RANK
 from galore_ds.train.config import Config
 
 
@@ -31,7 +32,8 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     # APOLLO's scale means another thing (the update times sqrt(scale)): its constructor's
     # default, or APOLLO-Mini's 128, not galore.scale; APOLLO-Mini is rank 1
     scale = {} if t.optimizer in ("apollo_adamw", "apollo_mini") else dict(scale=g.scale)
-    return param_groups(model, rank=1 if t.optimizer == "apollo_mini" else g.rank, update_proj_gap=g.update_proj_gap,
+    rank = APOLLO_MINI_RANK if t.optimizer == "apollo_mini" else g.rank
+    return param_groups(model, rank=rank, update_proj_gap=g.update_proj_gap,
                         proj_type=g.proj_type, target_modules=tuple(g.target_modules),
                         weight_decay=t.weight_decay, **scale, **galore_options(cfg))
 
@@ -63,7 +65,7 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, **layout: Any) ->
         return FiraAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
                          max_grad_norm=clip, **layout)
     if t.optimizer in ("apollo_adamw", "apollo_mini"):
-        mini = dict(scale_type="tensor", scale=128) if t.optimizer == "apollo_mini" else {}
+        mini = APOLLO_MINI if t.optimizer == "apollo_mini" else {}
         return ApolloAdamW(groups, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
                            max_grad_norm=clip, **mini, **layout)
     if t.optimizer == "galore_adafactor":
