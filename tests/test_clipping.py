@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_fsdp import launch
+from ranks import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "clip_cases.py"

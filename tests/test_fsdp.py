@@ -4,15 +4,12 @@ case (tests/dist/fsdp_cases.py); each case asserts inside the ranks, this file c
 per-rank reports."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from netutil import free_port
+from ranks import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "fsdp_cases.py"
@@ -20,30 +17,6 @@ sys.path.insert(0, str(ROOT / "tests" / "dist"))
 from fsdp_cases import CASES, FACTORS, PAIRWISE  # noqa: E402
 
 _CACHE: dict = {}
-
-
-def launch(world: int, script: Path, args: list[str], out: Path, timeout: float = 600) -> dict:
-    """Start `world` ranks of `script` (torchrun's env contract, without torchrun's agent)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, str(script), "--out", str(out), *args],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode for p in procs) or not out.exists():
-        pytest.fail(f"{script.name} world={world} failed:\n" + "\n".join(l[-3000:] for l in logs))
-    return json.loads(out.read_text())
 
 
 def results(world: int, tmp_path_factory) -> dict:

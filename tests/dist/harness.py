@@ -7,8 +7,10 @@ inside the ranks and returns numbers, and rank 0 writes one JSON that the pytest
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -143,6 +145,8 @@ def run_worker(cases: dict[str, Callable[[int], dict]], init: Callable[[], None]
     args = ap.parse_args()
     os.environ["GALORE_TEST_CKPT"] = args.ckpt
     torch.set_num_threads(1)
+    # the launcher sends SIGUSR1 to a run that hangs: every thread's stack goes to its log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if init is not None:
         init()
     else:
