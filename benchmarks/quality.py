@@ -81,9 +81,10 @@ def recipe(args, run_dir: Path, method: str, lr: float, scale: float, seed: int)
     }
 
 
-def run(args, method: str, lr: float, scale: float, seed: int) -> dict:
+def run(args, method: str, lr: float, scale: float, seed: int, make_recipe=recipe) -> dict:
+    """One training run (make_recipe builds its recipe), or the finished one read back."""
     run_dir = Path(args.run_root) / f"{method}_lr{lr:g}_s{scale:g}_seed{seed}"
-    rec = recipe(args, run_dir, method, lr, scale, seed)
+    rec = make_recipe(args, run_dir, method, lr, scale, seed)
     metrics = run_dir / "metrics.jsonl"
     done = run_dir / "recipe.json"
     # a finished run of the same recipe is read back (a study extended later reruns nothing)
@@ -98,7 +99,8 @@ def run(args, method: str, lr: float, scale: float, seed: int) -> dict:
     tokens_per_step = args.batch * args.seq
     curve = [[r["step"] * tokens_per_step, r["eval_ppl"]] for r in rows if "eval_ppl" in r]
     out = {"method": method, "lr": lr, "scale": scale, "seed": seed, "eval_ppl": curve[-1][1],
-           "curve": curve, "wall_s": round([r["elapsed_s"] for r in rows if "elapsed_s" in r][-1], 1)}
+           "curve": curve, "wall_s": round([r["elapsed_s"] for r in rows if "elapsed_s" in r][-1], 1),
+           "passes": round([r["epoch"] for r in rows if "epoch" in r][-1], 4)}
     print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
     return out
 
@@ -110,7 +112,12 @@ def summarize(runs: list[dict]) -> dict:
             "stdev": statistics.stdev(ppl) if len(ppl) > 1 else 0.0, "min": min(ppl), "max": max(ppl)}
 
 
-def plot(lines: dict[str, list[dict]], path: Path) -> None:
+def label(name: str, s: dict, seeds: int) -> str:
+    return (f"{name} (lr {s['lr']:g}" + (f", scale {s['scale']:g}" if name != "adamw" else "")
+            + f"; {seeds} seeds)")
+
+
+def plot(lines: dict[str, list[dict]], path: Path, eval_name: str = "WikiText-2 test", name_of=label) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,12 +129,11 @@ def plot(lines: dict[str, list[dict]], path: Path) -> None:
         per_point = list(zip(*[[p for _, p in r["curve"]] for r in runs]))
         mean = [statistics.fmean(v) for v in per_point]
         s = summarize(runs)
-        line, = ax.plot(tokens, mean, "o-", label=f"{name} (lr {s['lr']:g}"
-                        + (f", scale {s['scale']:g}" if name != "adamw" else "") + f"; {len(runs)} seeds)")
+        line, = ax.plot(tokens, mean, "o-", label=name_of(name, s, len(runs)))
         ax.fill_between(tokens, [min(v) for v in per_point], [max(v) for v in per_point],
                         color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("eval perplexity (WikiText-2 test)")
+    ax.set_ylabel(f"eval perplexity ({eval_name})")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -14,8 +14,9 @@ recipe's own.
 
 Phases, each a child process (so its peak is its own): `train` (3 steps, the first refreshes
 all 224 matrices, a checkpoint at the end) and `resume` (loads that checkpoint, one more step).
-With --device cuda two more: 1B steps of per-layer 8-bit GaLore and of 8-bit Adam
-(galore.enabled=false, the paper's baseline), for tokens/s side by side.
+With --device cuda (and --dry-run) more: 1B steps of 8-bit Adam (galore.enabled=false, the
+paper's baseline), of per-layer 8-bit GaLore and of per-layer --optimizer (APOLLO-Mini: rank-1
+states, no SVD), for tokens/s side by side.
 
 Peak memory: CPU, the child's peak RSS (wait4's ru_maxrss); CUDA, max_memory_allocated under
 set_per_process_memory_fraction(24 GiB). Next to it, `python -m galore_ds.tools.estimate`'s
@@ -195,20 +196,24 @@ def main() -> int:
     result["phases"]["resume"] = run_phase("resume", config, resume_over, cap, work / "resume.log", env)
 
     if args.device == "cuda" or args.dry_run:
-        # tokens/s: per-layer 8-bit GaLore vs 8-bit Adam (the paper's baseline) on 1B, where
-        # 8-bit Adam still fits 24 GiB; 5 steps each, the first (refresh, warm-up) left out.
+        # tokens/s on 1B, where 8-bit Adam (galore.enabled=false: the paper's baseline) still fits
+        # 24 GiB, against per-layer 8-bit GaLore and per-layer --optimizer; 5 steps each, the first
+        # (refresh, warm-up) left out.
         config_1b = str(ROOT / "configs" / "1b.json")
-        for name, extra in (("1b_galore8bit_layerwise", {}),
-                            ("1b_adam8bit", {"galore.enabled": False, "engine.mode": "single"})):
+        runs = {"1b_adam8bit": {"training.optimizer": "galore_adamw8bit", "galore.enabled": False,
+                                "engine.mode": "single"},
+                "1b_galore8bit_layerwise": {"training.optimizer": "galore_adamw8bit"}}
+        if args.optimizer != "galore_adamw8bit":
+            runs[f"1b_{args.optimizer}_layerwise"] = {"training.optimizer": args.optimizer}
+        for name, extra in runs.items():
             over = {**overrides(args, work / name, 5, resume=False), "galore.refresh": "svd",
-                    "training.optimizer": "galore_adamw8bit",   # the paper's comparison, whatever --optimizer
                     "checkpoint.save_final": False, "training.eval_batches": 0, **extra}
             over.pop("galore.first_power_iters")
             result["phases"][name] = run_phase(name, config_1b, over, cap, work / f"{name}.log", env)
-        rate = {n: sum(s["tokens_per_s"] for s in result["phases"][n]["steps"][1:]) / 4
-                for n in ("1b_galore8bit_layerwise", "1b_adam8bit")}
+        rate = {n: sum(s["tokens_per_s"] for s in result["phases"][n]["steps"][1:]) / 4 for n in runs}
         result["throughput_1b"] = {**{k: round(v, 1) for k, v in rate.items()},
-                                   "galore_over_adam8bit": round(rate["1b_galore8bit_layerwise"] / rate["1b_adam8bit"], 3)}
+                                   **{f"{n[3:]}_over_adam8bit": round(rate[n] / rate["1b_adam8bit"], 3)
+                                      for n in runs if n != "1b_adam8bit"}}
 
     train = result["phases"]["train"]
     peak = train["steps"][-1]["mem_gb"] if args.device == "cuda" else train["peak_rss_gib"]
