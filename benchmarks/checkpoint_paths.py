@@ -11,8 +11,6 @@ benchmarks/results/checkpoint_paths.json: every case's verdict on each world siz
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,24 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from netutil import free_port  # noqa: E402
+from ranks import launch  # noqa: E402
 
 WORKER = ROOT / "tests" / "dist" / "checkpoint_paths_worker.py"
-
-
-def launch(world: int, ckpt: str, out: Path) -> dict:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), "--ckpt", ckpt],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=1800)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"world {world} failed:\n" + "\n".join(log[-3000:] for log in logs))
-    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -45,7 +28,7 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in (2, 3):
-            report = launch(world, tmp + "/ckpt", Path(tmp) / f"r{world}.json")
+            report = launch(world, WORKER, ["--ckpt", tmp + "/ckpt"], Path(tmp) / f"r{world}.json", timeout=1800)
             for name, r in report["ranks"][0].items():
                 ok = all(rr[name]["ok"] for rr in report["ranks"])
                 verdict = {k: v for k, v in r.items() if k not in ("ok", "trace")}

@@ -17,6 +17,10 @@ trained 3.6 passes over valid.txt.
    end of what was tried, one more rate (halved or doubled) until the best is bracketed or
    --max-extend rates were added (the JSON says which).
 2. Seeds: each method's best rate with every seed in --seeds.
+The control `adamw_galore_lrs` is torch's AdamW with GaLore's step sizes (the projected
+matrices at lr * 0.25, the rest at lr): GaLore differs from it only by the projection, where
+plain AdamW also differs by taking one lr for everything, and in this small model over half
+the parameters are the embedding and lm_head.
 Every run is this project's train loop on the same recipe, data order and schedule; only
 training.optimizer and the learning rate differ. Each method keeps its paper's other settings:
 GaLore and Fira scale 0.25 (galore.scale), rank --rank; APOLLO channel-wise at rank --rank with
@@ -40,14 +44,39 @@ from quality import DATA, plot, recipe, run, summarize  # noqa: E402
 
 from galore_ds.train.config import DistEnv, from_dict, validate  # noqa: E402
 from galore_ds.train.data.packing import build_datasets  # noqa: E402
+from galore_ds.train.engines.single import SingleEngine  # noqa: E402
 
 TRAIN, EVAL = DATA / "test.txt", DATA / "valid.txt"
 OPTIMIZER = {"adamw": "adamw", "galore": "galore_adamw", "fira": "fira_adamw", "apollo": "apollo_adamw",
-             "apollo_mini": "apollo_mini"}
+             "apollo_mini": "apollo_mini", "adamw_galore_lrs": "adamw"}
 # each method's own scale (for the labels; APOLLO's are its constructor's, not galore.scale)
-SCALE = {"adamw": 0.0, "galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo_mini": 128.0}
+SCALE = {"adamw": 0.0, "galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo_mini": 128.0,
+         "adamw_galore_lrs": 0.25}
 START_LRS = {"adamw": [0.0025, 0.005, 0.01], "galore": [0.01, 0.02, 0.04], "fira": [0.005, 0.01, 0.02],
-             "apollo": [0.005, 0.01, 0.02], "apollo_mini": [0.005, 0.01, 0.02]}
+             "apollo": [0.005, 0.01, 0.02], "apollo_mini": [0.005, 0.01, 0.02],
+             "adamw_galore_lrs": [0.01, 0.02, 0.04]}
+
+
+class GaLoreLRsAdamWEngine(SingleEngine):
+    """The control: torch's AdamW with GaLore's step sizes, the matrices GaLore projects at
+    lr * galore.scale and the rest (embeddings, lm_head, norms: over half of this small model)
+    at lr. GaLore's runs differ from it only by the projection; plain AdamW has one lr for all."""
+
+    def build_optimizer(self, model, per_layer=None, **layout) -> None:
+        from galore_ds import param_groups
+        from galore_ds.train.optim import warmup_cosine
+
+        t, g = self.cfg.training, self.cfg.galore
+        groups = [dict(params=grp["params"], weight_decay=grp["weight_decay"],
+                       lr=t.lr * g.scale if "rank" in grp else t.lr)
+                  for grp in param_groups(model, rank=g.rank, target_modules=tuple(g.target_modules),
+                                          weight_decay=t.weight_decay)]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        self.scheduler = warmup_cosine(self.optimizer, self.cfg)
+        self.layerwise = None
+
+
+ENGINES = {"adamw_galore_lrs": GaLoreLRsAdamWEngine}
 # C4 validation perplexity at 60M / 130M / 350M / 1B (APOLLO, arXiv 2412.05270, Table 2)
 PAPER = {"adamw": [34.06, 25.08, 18.80, 15.56], "galore": [34.88, 25.36, 18.95, 15.64],
          "fira": [31.06, 22.73, 17.03, 14.31], "apollo": [31.55, 22.94, 16.85, 14.20],
@@ -56,10 +85,10 @@ PAPER = {"adamw": [34.06, 25.08, 18.80, 15.56], "galore": [34.88, 25.36, 18.95, 
 
 def family_recipe(args, run_dir: Path, method: str, lr: float, scale: float, seed: int) -> dict:
     """benchmarks/quality.py's recipe on the one-pass data, with the method's optimizer."""
-    rec = recipe(args, run_dir, "adamw" if method == "adamw" else "galore", lr, 0.25, seed)
+    rec = recipe(args, run_dir, "adamw" if OPTIMIZER[method] == "adamw" else "galore", lr, 0.25, seed)
     rec["data"].update(source=str(TRAIN), eval_source=str(EVAL))
     rec["training"]["optimizer"] = OPTIMIZER[method]
-    if method in ("galore", "fira"):
+    if method in ("galore", "fira", "adamw_galore_lrs"):
         rec["galore"]["scale"] = scale
     return rec
 
@@ -67,6 +96,7 @@ def family_recipe(args, run_dir: Path, method: str, lr: float, scale: float, see
 def one_pass_steps(args) -> tuple[int, int]:
     """(sequences in the training stream, steps of one pass at the global batch)."""
     rec = family_recipe(args, Path(args.run_root) / "count", "adamw", 1e-3, 0.0, 0)
+    rec["training"].update(steps=1, eval_every=1)   # any valid length: only the data is built
     cfg = validate(from_dict(rec), DistEnv())
     _, train, _ = build_datasets(cfg.data, cfg.model.vocab_size)
     return len(train), len(train) // args.batch
@@ -78,7 +108,7 @@ def ppl(r: dict) -> float:
 
 def sweep(args, method: str, seed: int) -> tuple[list[dict], bool]:
     """Seed-`seed` runs over the starting rates, extended until the best is bracketed."""
-    runs = {lr: run(args, method, lr, SCALE[method], seed, family_recipe)
+    runs = {lr: run(args, method, lr, SCALE[method], seed, family_recipe, ENGINES)
             for lr in START_LRS[method][: args.lrs_per_method]}
     for _ in range(args.max_extend + 1):
         best = min(runs, key=lambda lr: ppl(runs[lr]))
@@ -87,7 +117,7 @@ def sweep(args, method: str, seed: int) -> tuple[list[dict], bool]:
         if len(runs) - args.lrs_per_method >= args.max_extend or args.quick:
             break
         new = best / 2 if best == min(runs) else best * 2
-        runs[new] = run(args, method, new, SCALE[method], seed, family_recipe)
+        runs[new] = run(args, method, new, SCALE[method], seed, family_recipe, ENGINES)
     return list(runs.values()), False
 
 
@@ -127,7 +157,8 @@ def main() -> None:
     for method in args.methods:
         swept[method], bracketed[method] = sweep(args, method, seeds[0])
         best = min(swept[method], key=ppl)
-        lines[method] = [best] + [run(args, method, best["lr"], best["scale"], s, family_recipe) for s in seeds[1:]]
+        lines[method] = [best] + [run(args, method, best["lr"], best["scale"], s, family_recipe, ENGINES)
+                                  for s in seeds[1:]]
     passes = max(r["passes"] for rs in [*swept.values(), *lines.values()] for r in rs)
     assert passes <= 1.0, f"a run trained {passes} passes over {TRAIN.name}"
     if set(args.methods) != set(OPTIMIZER):

@@ -18,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT_TAKEN = "address already in use"
+
+
+class RanksFailed(RuntimeError):
+    """A run of ranks that failed, hung or wrote no results; the message holds every rank's log."""
 
 
 def _start(world: int, script: Path, args: list[str], out: Path, logs: list[Path]) -> list[subprocess.Popen]:
@@ -68,7 +70,8 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> str:
 
 
 def launch(world: int, script: Path, args: list[str], out: Path, timeout: float = 600) -> dict:
-    """Start `world` ranks of `script`; rank 0 writes `out` (JSON), which is returned."""
+    """Start `world` ranks of `script` (each gets `--out out` and `args`); rank 0 writes `out`
+    (JSON), which is returned. Raises RanksFailed."""
     logs = [out.parent / f"{out.stem}.rank{r}.log" for r in range(world)]
     for attempt in (1, 2):
         state = _wait(_start(world, script, args, out, logs), timeout)
@@ -79,6 +82,6 @@ def launch(world: int, script: Path, args: list[str], out: Path, timeout: float 
     if state != "ok" or not out.exists():
         why = {"hung": f"still running after {timeout:.0f} s (each rank's stacks follow its output)",
                "failed": "a rank exited with an error; the others were stopped"}.get(state, "wrote no results")
-        pytest.fail(f"{script.name} world={world}: {why}\n"
-                    + "\n".join(f"--- rank {r}\n{t[-6000:]}" for r, t in enumerate(text)))
+        raise RanksFailed(f"{script.name} world={world}: {why}\n"
+                          + "\n".join(f"--- rank {r}\n{t[-6000:]}" for r, t in enumerate(text)))
     return json.loads(out.read_text())

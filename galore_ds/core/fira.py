@@ -19,8 +19,11 @@ of R, the projector, and one scalar per matrix); the full gradient is read, neve
 ratio, a full-size gradient term scaled by it, the limiter. Each matrix's update takes two
 passes: the first updates the moments and computes its factors and this rank's part of its
 per-matrix sums, ONE `reduce` call completes the sums of matrices split across ranks (the
-limiter's norm, as Adafactor's statistics in core/adafactor.py), the second applies. Neither
-pass makes a full-size temporary beyond Fira's residual of one matrix at a time.
+limiter's norm, as Adafactor's statistics in core/adafactor.py), the second applies. A matrix
+whose sums are all on this rank takes its second pass at once, and Fira's reuses the residual
+the first made; one that waits for the reduce drops it and applies G and P R separately (a
+third product), since every waiting residual alive at once would be a full gradient's copy.
+Neither pass makes a full-size temporary beyond Fira's residual of one matrix at a time.
 signs="lapack" (galore-torch compatibility, core/update.py: apply_update) takes the reference
 package's unfused arithmetic instead, operation for operation, on matrices held whole: with its
 LAPACK signs the run is the package's bit for bit (a 1-ulp difference would flip a singular
@@ -113,6 +116,13 @@ class Scaled:
     step_size: float
     factor: torch.Tensor | None                  # per-channel factor (keepdim), or None
     parts: list[tuple[torch.Tensor, Any]]        # (this rank's part of per-matrix sums, group)
+    # a full-size term the first pass made (Fira's residual), for the second pass to reuse
+    # when the matrix finishes at once; dropped when it waits for the other matrices' reduce
+    term: torch.Tensor | None = None
+
+    @property
+    def waits_for_reduce(self) -> bool:
+        return any(g is not None for _, g in self.parts)
 
 
 def complete(plans: list[Scaled], reduce: Reduce | None) -> list[torch.Tensor]:
@@ -147,22 +157,30 @@ class NormScaledAdamRule(AdamWRule):
 
     def update(self, items: list[Item], reduce: Reduce | None = None) -> None:
         super().update([item for item in items if not item.galore])   # full-rank parameters: AdamW
-        plans = []
+        waiting = []
         for batch in self.batches([item for item in items if item.galore]):
             for item, normed, step_size in self.directions(batch):
                 if item.group["signs"] == "lapack" and is_whole(item):
                     self.reference_step(item, normed, step_size)
                     decay_weight(item, item.group["lr"], item.group["weight_decay"])
-                else:
-                    plans.append(self.plan(item, normed, step_size))
-        for plan, sums in zip(plans, complete(plans, reduce)):
-            if not bool(torch.isfinite(sums).all()):
-                # a NaN/Inf on any rank of a split matrix reaches every rank's sums: all drop
-                # this update alike (the optimizer's step skips such steps before the rule;
-                # per-layer immediate mode cannot, as for Adafactor: optim/layerwise.py)
-                continue
-            self.apply(plan, sums)
-            decay_weight(plan.item, plan.item.group["lr"], plan.item.group["weight_decay"])
+                    continue
+                plan = self.plan(item, normed, step_size)
+                if plan.waits_for_reduce:
+                    plan.term = None   # held until the reduce, each matrix's would add up to a full gradient
+                    waiting.append(plan)
+                else:   # its sums are all here: the second pass now, while its term is alive
+                    self.finish(plan, complete([plan], None)[0])
+        for plan, sums in zip(waiting, complete(waiting, reduce)):
+            self.finish(plan, sums)
+
+    def finish(self, plan: Scaled, sums: torch.Tensor) -> None:
+        if not bool(torch.isfinite(sums).all()):
+            # a NaN/Inf on any rank of a split matrix reaches every rank's sums: all drop
+            # this update alike (the optimizer's step skips such steps before the rule;
+            # per-layer immediate mode cannot, as for Adafactor: optim/layerwise.py)
+            return
+        self.apply(plan, sums)
+        decay_weight(plan.item, plan.item.group["lr"], plan.item.group["weight_decay"])
 
     def reference_step(self, item: Item, normed: torch.Tensor, step_size: float) -> None:
         """The reference package's update of a matrix held whole, in its arithmetic."""
@@ -197,14 +215,17 @@ class FiraRule(NormScaledAdamRule):
         pj.project_back_(residual, item.grad, item.proj, item.side, -self._rho(item))
         item.zero_padding_(residual)               # a ZeRO piece counts only what it holds
         sq = torch.linalg.vector_norm(phi * channel_norms(residual, dim)).square()
-        return Scaled(item, step_size, phi, [(sq.reshape(1), item.split.param_group)])
+        return Scaled(item, step_size, phi, [(sq.reshape(1), item.split.param_group)], term=residual)
 
     def apply(self, plan: Scaled, sums: torch.Tensor) -> None:
         item = plan.item
         coef = plan.factor / limit(item.state, sums[0].sqrt(), item.group["norm_growth_limit"])
-        # W -= step_size * coef * (G - rho P R), without a full-size temporary: the G part by
-        # one addcmul, the P R part (coef scales rows or columns, which commutes with P) by
-        # one fused product back
+        if plan.term is not None:   # W -= step_size * coef * residual
+            item.param.addcmul_(plan.term, coef, value=-plan.step_size)
+            return
+        # the residual was dropped (it waited for a reduce): the same without a full-size
+        # temporary, the G part by one addcmul, the P R part (coef scales rows or columns,
+        # which commutes with P) by one fused product back
         item.param.addcmul_(item.full_grad, coef, value=-plan.step_size)
         pj.project_back_(item.param, coef * item.grad, item.proj, item.side, plan.step_size * self._rho(item))
 
