@@ -10,7 +10,9 @@ each at its own best learning rate, several seeds.
    --seeds; at GaLore's best setting and the same seeds, GaLore with the cold randomized
    refresh (seeded subspace iteration instead of exact SVD) and galore-torch 1.0.
 Every run is this project's train loop with the same recipe, data order and schedule; only the
-optimizer (and its lr / scale) differs. Eval perplexity is taken --evals times during the run on
+optimizer (and its lr / scale) differs. The training data repeats: the default 500 steps x 2048
+tokens are 3.6 passes over valid.txt (~280K tokens at vocab 4096); benchmarks/quality_family.py
+trains on each token once. Eval perplexity is taken --evals times during the run on
 the same held-out stream (WikiText-2 test.txt). Writes the JSON and a plot of eval perplexity
 against tokens (mean over seeds, band = min..max) next to it."""
 from __future__ import annotations
