@@ -65,6 +65,16 @@ def test_every_idiom_clips_in_the_references(tmp_path_factory):
 def test_clipping_idiom_on_data_parallel_form(form, idiom, tmp_path_factory):
     ranks = _ranks(tmp_path_factory, f"row_{form}_x_{idiom}")
     assert {r["outcome"] for r in ranks} == {EXPECTED[(form, idiom)]}
+    if EXPECTED[(form, idiom)] == "refused":
+        assert len({r["at_step"] for r in ranks}) == 1, ranks   # every rank, at the same step
+        assert len({r["message"] for r in ranks}) == 1, ranks
+
+
+@pytest.mark.slow
+def test_per_layer_replicated_refuses_every_rank_when_one_ranks_gradient_changed(tmp_path_factory):
+    ranks = _ranks(tmp_path_factory, "per_layer_replicated_gradient_changed_on_one_rank")
+    assert sorted(r["changed_here"] for r in ranks) == [False, True]
+    assert len({r["message"] for r in ranks}) == 1
 
 
 @pytest.mark.slow

@@ -338,23 +338,47 @@ class LayerwiseOptimizer:
         """Refuse a gradient written after the per-layer hook took it: DistributedDataParallel
         averages gradients when backward ends, after every hook has already used (and freed)
         its rank's own gradient, and writes the average back into p.grad; an in-place change
-        (torch's clip_grad_norm_) comes after the hooks counted the norm."""
+        (torch's clip_grad_norm_) comes after the hooks counted the norm. Ranks may disagree
+        (a rank whose buckets were averaged and freed sooner holds fewer gradients, so its own
+        clip_grad_norm_ may scale nothing), and a rank that refuses alone would leave the others
+        in the step's collectives: the verdict is agreed first (_agree)."""
         seen, self._seen = self._seen, {}
+        verdict = _UNTOUCHED
         for p, was in seen.items():
             g = p.grad
             if g is None:
                 continue
             if was is None:
-                raise RuntimeError(
-                    "LayerwiseOptimizer: a gradient was written into a parameter after its per-layer update took "
-                    "it (a DistributedDataParallel model: DDP averages when backward ends, after each rank used its "
-                    "own gradient); do not wrap the model in DDP, build the optimizer with "
-                    "reduce_group=torch.distributed.group.WORLD (it averages the low-rank gradients itself)")
-            if g is not was[0]() or _changed(g, was[1]):
-                raise RuntimeError(
-                    "LayerwiseOptimizer: a gradient changed between its per-layer hook and step() (DDP averaging "
-                    "it or torch.nn.utils.clip_grad_norm_): the hooks already counted it; clip with "
-                    "LayerwiseOptimizer(max_grad_norm=...) and average with reduce_group=torch.distributed.group.WORLD")
+                verdict = max(verdict, _WRITTEN_AFTER_HOOK)
+            elif g is not was[0]() or _changed(g, was[1]):
+                verdict = max(verdict, _CHANGED)
+        if seen:   # every rank ran the same hooks: every rank agrees, or none needs to
+            verdict = self._agree(verdict)
+        if verdict == _WRITTEN_AFTER_HOOK:
+            raise RuntimeError(
+                "LayerwiseOptimizer: a gradient was written into a parameter after its per-layer update took "
+                "it (a DistributedDataParallel model: DDP averages when backward ends, after each rank used its "
+                "own gradient); do not wrap the model in DDP, build the optimizer with "
+                "reduce_group=torch.distributed.group.WORLD (it averages the low-rank gradients itself)")
+        if verdict == _CHANGED:
+            raise RuntimeError(
+                "LayerwiseOptimizer: a gradient changed between its per-layer hook and step() (DDP averaging "
+                "it or torch.nn.utils.clip_grad_norm_): the hooks already counted it; clip with "
+                "LayerwiseOptimizer(max_grad_norm=...) and average with reduce_group=torch.distributed.group.WORLD")
+
+    def _agree(self, verdict: int) -> int:
+        """The largest verdict over the ranks this wrapper steps with: the optimizer's reduce
+        group and the parameters' shard groups (one 4-byte all-reduce each; none in one process)."""
+        groups = [] if self.optimizer.reduce_group is None else [self.optimizer.reduce_group]
+        groups += list(self._norm_groups.values())
+        groups = [g for g in {id(g): g for g in groups}.values() if group_rank_size(g)[1] > 1]
+        if not groups:
+            return verdict
+        flag = torch.tensor([float(verdict)], device=local_tensor(self._params[0]).device)
+        for group in groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            COMM.record("clip_check", flag.numel() * flag.element_size())
+        return int(flag.item())
 
     def _window_norm(self) -> float:
         """The window's global norm, summed over the hooks as they ran: ONE scalar all-reduce
@@ -618,6 +642,10 @@ def _fingerprint(grad: torch.Tensor) -> int | torch.Tensor:
     in-place op through a DTensor (torch's clip_grad_norm_ on FSDP2 gradients) leaves the
     version counters as they were."""
     return grad_mark(local_tensor(grad)) if is_dtensor(grad) else grad._version
+
+
+# _check_untouched's verdicts, ordered: the rank that saw the most specific cause names it
+_UNTOUCHED, _CHANGED, _WRITTEN_AFTER_HOOK = 0, 1, 2
 
 
 def _changed(grad: torch.Tensor, noted: int | torch.Tensor) -> bool:

@@ -79,8 +79,9 @@ def per_layer(world: int, *, opt: str = "adamw", accum: int = 1, clip: float | N
     wire_bytes = 2 if wire == torch.bfloat16 else 4
     expected = wire_bytes * (sum(_lowrank_numel(p, g) for g in groups if "rank" in g for p in g["params"])
                              + sum(p.numel() for g in groups if "rank" not in g for p in g["params"]))
-    for b in bytes_between:
-        assert b.get("layerwise_bucket") == expected and set(b) <= {"layerwise_bucket"}, (b, expected)
+    for b in bytes_between:   # and each micro-step's 4-byte verdict of the gradient check
+        assert b.get("layerwise_bucket") == expected and set(b) <= {"layerwise_bucket", "clip_check"}, (b, expected)
+        assert b.get("clip_check", 0) == 4 * accum, b
     matrices = [p for g in groups if "rank" in g for p in g["params"]]
     owners = [lw.optimizer.replicated_owner(p) for p in matrices]
     if refresh == "svd":

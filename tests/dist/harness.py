@@ -154,6 +154,7 @@ def run_worker(cases: dict[str, Callable[[int], dict]], init: Callable[[], None]
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name in args.only or list(cases):
+        print(f"case {name}", flush=True)   # the log says which case a hang's stacks are in
         COMM.reset()
         t0 = time.perf_counter()
         try:
