@@ -73,7 +73,8 @@ def test_torchrun_trains_with_per_layer_updates(tmp_path):
     norms = [x["grad_norm"] for x in rows]
     assert all(math.isfinite(n) and n > 0 for n in norms), norms
     assert all("clip_coef" in x and "nonfinite_params_skipped" in x for x in rows), rows[0]  # per-layer path ran
-    # between refreshes the only GaLore collective is the norm all-reduce (4 bytes); the count
-    # also holds the engine's logged-loss mean over ranks (2 float64: Engine.mean_over_ranks)
+    # between refreshes the only GaLore collectives are the norm all-reduce (4 bytes) and each
+    # micro-batch's agreed gradient-check verdict (4 bytes x 2: LayerwiseOptimizer._agree); the
+    # count also holds the engine's logged-loss mean over ranks (2 float64: Engine.mean_over_ranks)
     comm = [x["galore_comm_bytes"] for x in rows]
-    assert comm[2] - comm[1] == 4 + 16, comm
+    assert comm[2] - comm[1] == 4 + 4 * 2 + 16, comm
