@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore")
 
 import galore_ds  # noqa: E402
 from galore_ds.core import projector as pj  # noqa: E402
+from galore_ds.core.settings import APOLLO_MINI, APOLLO_MINI_RANK  # noqa: E402
 
 # The paper's LLaMA shapes (hidden, intermediate, layers) and GaLore rank.
 MODELS = {
@@ -86,7 +87,7 @@ def optimizers(rank: int) -> dict[str, Callable[[list, int], torch.optim.Optimiz
         return [{"params": ps, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **kw}]
 
     apollo = dict(scale=1.0, scale_type="channel", proj="random")
-    mini = dict(rank=1, scale=128.0, scale_type="tensor", proj="random")
+    mini = dict(rank=APOLLO_MINI_RANK, **APOLLO_MINI, proj="random")
     return {
         "galore_ds": lambda ps, gap: galore_ds.GaLoreAdamW(group(ps, gap, scale=0.25), lr=1e-3),
         "galore_torch": lambda ps, gap: galore_torch.GaLoreAdamW(group(ps, gap, scale=0.25), lr=1e-3,

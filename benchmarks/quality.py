@@ -83,9 +83,13 @@ def recipe(args, run_dir: Path, method: str, lr: float, scale: float, seed: int)
     }
 
 
-def run(args, method: str, lr: float, scale: float, seed: int, make_recipe=recipe, engines=None) -> dict:
-    """One training run (make_recipe builds its recipe; `engines`: method -> engine class, where
-    the recipe's own engine is not the one), or the finished one read back."""
+# method -> the engine class it runs on, where the recipe's own engine is not the one
+ENGINES = {"galore_torch": GaloreTorchEngine}
+
+
+def run(args, method: str, lr: float, scale: float, seed: int, make_recipe=recipe, engines=ENGINES) -> dict:
+    """One training run (make_recipe builds its recipe, `engines` overrides its engine by
+    method), or the finished one read back."""
     run_dir = Path(args.run_root) / f"{method}_lr{lr:g}_s{scale:g}_seed{seed}"
     rec = make_recipe(args, run_dir, method, lr, scale, seed)
     metrics = run_dir / "metrics.jsonl"
@@ -93,7 +97,6 @@ def run(args, method: str, lr: float, scale: float, seed: int, make_recipe=recip
     # a finished run of the same recipe is read back (a study extended later reruns nothing)
     if not (done.is_file() and json.loads(done.read_text()) == rec and metrics.is_file()):
         cfg = validate(from_dict(rec), DistEnv())
-        engines = {"galore_torch": GaloreTorchEngine} if engines is None else engines
         engine = engines[method](cfg, DistEnv()) if method in engines else None
         metrics.unlink(missing_ok=True)
         if train(cfg, DistEnv(), engine)["interrupted"]:  # Ctrl-C / SIGTERM: stop the study too

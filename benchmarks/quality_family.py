@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import DATA, plot, recipe, run, summarize  # noqa: E402
 
+from galore_ds.core.settings import APOLLO_MINI  # noqa: E402
 from galore_ds.train.config import DistEnv, from_dict, validate  # noqa: E402
 from galore_ds.train.data.packing import build_datasets  # noqa: E402
 from galore_ds.train.engines.single import SingleEngine  # noqa: E402
@@ -50,7 +51,7 @@ TRAIN, EVAL = DATA / "test.txt", DATA / "valid.txt"
 OPTIMIZER = {"adamw": "adamw", "galore": "galore_adamw", "fira": "fira_adamw", "apollo": "apollo_adamw",
              "apollo_mini": "apollo_mini", "adamw_galore_lrs": "adamw"}
 # each method's own scale (for the labels; APOLLO's are its constructor's, not galore.scale)
-SCALE = {"adamw": 0.0, "galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo_mini": 128.0,
+SCALE = {"adamw": 0.0, "galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo_mini": float(APOLLO_MINI["scale"]),
          "adamw_galore_lrs": 0.25}
 START_LRS = {"adamw": [0.0025, 0.005, 0.01], "galore": [0.01, 0.02, 0.04], "fira": [0.005, 0.01, 0.02],
              "apollo": [0.005, 0.01, 0.02], "apollo_mini": [0.005, 0.01, 0.02],

@@ -41,12 +41,12 @@ def _start(world: int, script: Path, args: list[str], out: Path, logs: list[Path
     return procs
 
 
-def _stop(procs: list[subprocess.Popen], stacks: bool) -> None:
-    if stacks:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGUSR1)
-        time.sleep(3)
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Every rank still running prints its threads' stacks, then is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGUSR1)
+    time.sleep(3)
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -60,12 +60,12 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> str:
         codes = [p.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
             time.sleep(5)   # the other ranks' own errors, if any, reach their logs
-            _stop(procs, stacks=True)
+            _stop(procs)
             return "failed"
         if all(c == 0 for c in codes):
             return "ok"
         time.sleep(0.2)
-    _stop(procs, stacks=True)
+    _stop(procs)
     return "hung"
 
 

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "svd_cost", "assign_owners", "chunk_rows", "flat_counts", "gather_to_owners",
-    "reduce_to_owners", "share_from_owners", "all_reduce_packed", "CommCounter", "COMM",
+    "reduce_to_owners", "share_from_owners", "all_reduce_packed", "max_over_groups", "CommCounter", "COMM",
     "group_rank_size",
 ]
 
@@ -334,6 +334,16 @@ def reduce_to_owners(
         out[j] = recv[off:off + n].reshape(tensors[j].shape).clone()
         off += n
     return out
+
+
+def max_over_groups(flag: torch.Tensor, groups: Iterable[dist.ProcessGroup | None], name: str) -> torch.Tensor:
+    """`flag` (one element, in place) made its maximum over every group of more than one rank,
+    each group once in first-seen order: a verdict all of their ranks share, so that none acts
+    on it alone. One all-reduce per group, recorded as `name`."""
+    for group in {id(g): g for g in groups if group_rank_size(g)[1] > 1}.values():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        COMM.record(name, flag.numel() * flag.element_size())
+    return flag
 
 
 def all_reduce_packed(

@@ -96,7 +96,7 @@ import torch.distributed as dist
 
 from galore_ds.core.groups import refresh_due
 from galore_ds.core.update import Item
-from galore_ds.layouts.comm import COMM, group_rank_size
+from galore_ds.layouts.comm import COMM, group_rank_size, max_over_groups
 from galore_ds.layouts.base import local_tensor
 from galore_ds.optim.entry import Entry
 from galore_ds.layouts.dtensor import is_dtensor
@@ -371,14 +371,8 @@ class LayerwiseOptimizer:
         group and the parameters' shard groups (one 4-byte all-reduce each; none in one process)."""
         groups = [] if self.optimizer.reduce_group is None else [self.optimizer.reduce_group]
         groups += list(self._norm_groups.values())
-        groups = [g for g in {id(g): g for g in groups}.values() if group_rank_size(g)[1] > 1]
-        if not groups:
-            return verdict
         flag = torch.tensor([float(verdict)], device=local_tensor(self._params[0]).device)
-        for group in groups:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            COMM.record("clip_check", flag.numel() * flag.element_size())
-        return int(flag.item())
+        return int(max_over_groups(flag, groups, "clip_check").item())
 
     def _window_norm(self) -> float:
         """The window's global norm, summed over the hooks as they ran: ONE scalar all-reduce

@@ -60,7 +60,7 @@ from galore_ds.core.rule import projection_of
 from galore_ds.core.settings import check_family_options
 from galore_ds.core.update import Item, Split, clip_coefficient
 from galore_ds.layouts.base import Layout, local_tensor, plain_layout
-from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, svd_cost
+from galore_ds.layouts.comm import COMM, all_reduce_packed, assign_owners, group_rank_size, max_over_groups, svd_cost
 from galore_ds.layouts.dtensor import dtensor_layout, is_dtensor
 from galore_ds.optim.checkpoint.places import as_values, dtensor_block
 from galore_ds.optim.entry import Entry
@@ -424,10 +424,7 @@ class GaLoreOptimizer(Optimizer):
         if not flags:
             return
         flag = torch.stack([f.to(flags[0].device, torch.float32) for f in flags]).max().reshape(1)
-        for group in {id(g): g for g in groups if group_rank_size(g)[1] > 1}.values():  # first-seen order
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            COMM.record("clip_check", flag.numel() * flag.element_size())
-        if flag.item() == 0:
+        if max_over_groups(flag, groups, "clip_check").item() == 0:
             return
         if red is not None and red.group in groups:
             raise RuntimeError(
